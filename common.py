@@ -1,0 +1,791 @@
+"""Shared toolbox of the MSF / CMSF scripts: a flat set of small, documented functions.
+
+Sections: errors and entry point | networks and EMA | memory bank, nearest neighbours, loss |
+distributed | data | checkpoints | schedules, seeding and logging | evaluation helpers.
+Every script imports this one file; copy it together with a script to fork a method.
+"""
+import datetime
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import OrderedDict, defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- errors and entry point
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line `error: ...` and the script exits with code 2."""
+
+
+def run_main(main, parser):
+    """Parse the command line with `parser` (a parent parser, add_help=False) and run `main(args)`.
+
+    A UsageError, also one raised inside a DataLoader worker or on another rank, becomes a single
+    line on stderr and exit code 2 instead of a traceback."""
+    import argparse
+    full_parser = argparse.ArgumentParser(parents=[parser], description=parser.description,
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = full_parser.parse_args()
+    try:
+        main(args)
+    except UsageError as e:
+        # DataLoader workers re-raise as "Caught UsageError in DataLoader worker ... Original Traceback";
+        # the user only needs the last line.
+        message = str(e).strip().splitlines()[-1]
+        message = message.split("UsageError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- networks and EMA
+
+def build_backbone(arch, image_size):
+    """A torchvision ResNet with its classifier removed; returns (backbone, feature size).
+
+    Inputs of 64 px or less get the CIFAR stem (3x3 conv, stride 1, no max-pool), as is usual for
+    small images: the ImageNet stem would shrink a 32 px image to 8 px before the first block."""
+    if arch == "resnet10":  # a small torchvision ResNet for tests and laptop runs
+        backbone = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    elif arch in torchvision.models.list_models(module=torchvision.models) and arch.startswith(
+            ("resnet", "wide_resnet", "resnext")):
+        backbone = torchvision.models.get_model(arch)
+    else:
+        raise UsageError(f"unknown --arch {arch!r}; use a torchvision ResNet such as resnet18, "
+                         "resnet50, wide_resnet50_2, or resnet10 for quick tests")
+    feat_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    if image_size <= 64:
+        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        backbone.maxpool = nn.Identity()
+    return backbone, feat_dim
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    """Linear - BatchNorm1d - ReLU - Linear: the projection and prediction heads of MSF/BYOL."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def build_encoder(arch, image_size):
+    """Backbone + projection MLP (feat -> 2 feat -> feat/4), the network shared by the online and
+    target branches. Attributes: .backbone, .projection, .feat_dim, .embed_dim."""
+    backbone, feat_dim = build_backbone(arch, image_size)
+    encoder = nn.Sequential(OrderedDict(backbone=backbone,
+                                        projection=mlp(feat_dim, 2 * feat_dim, feat_dim // 4)))
+    encoder.feat_dim, encoder.embed_dim = feat_dim, feat_dim // 4
+    return encoder
+
+
+def build_predictor(encoder):
+    """Prediction MLP of the online branch: d -> 2 feat -> d."""
+    return mlp(encoder.embed_dim, 2 * encoder.feat_dim, encoder.embed_dim)
+
+
+@torch.no_grad()
+def ema_update_(target, online, momentum):
+    """theta_target <- m theta_target + (1 - m) theta_online, parameters only (the target's BatchNorm
+    keeps its own running statistics). One fused foreach kernel instead of a Python loop."""
+    target_params = list(target.parameters())
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+
+
+def torchvision_state_dict(backbone, arch):
+    """The backbone as a plain torchvision ResNet state dict (fc = zeros: it is untrained), so that
+    `torchvision.models.<arch>()` loads it with strict=True (small-stem models need the same stem)."""
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    reference = build_backbone(arch, 224)[0] if arch == "resnet10" else torchvision.models.get_model(arch)
+    fc = getattr(reference, "fc", None)
+    if isinstance(fc, nn.Linear):
+        state["fc.weight"] = torch.zeros_like(fc.weight)
+        state["fc.bias"] = torch.zeros_like(fc.bias)
+    return state
+
+
+# ---------------------------------------------------------------- memory bank, neighbours, loss
+
+class MemoryBank(nn.Module):
+    """FIFO queue of the last `size` target embeddings with their labels and dataset indices.
+
+    Starts as random unit vectors with label -1 (never a real label) and index -1 (empty). Any size
+    works: a batch that runs past the end wraps around to the front. Embeddings may be stored in half
+    precision (`dtype`) to halve memory; reads are cast back to float32 by the callers. Being a
+    module, its state (pointer included) goes into the checkpoint with `state_dict()`."""
+
+    def __init__(self, size, dim, dtype=torch.float32, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        initial = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+        self.register_buffer("embeddings", initial.to(dtype))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self):
+        return self.embeddings.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, embeddings, labels=None, indices=None):
+        """Write a (global) batch at the pointer, wrapping around; returns the slots written."""
+        n = embeddings.shape[0]
+        if n > self.size:  # only the newest `size` rows survive
+            embeddings = embeddings[-self.size:]
+            labels = None if labels is None else labels[-self.size:]
+            indices = None if indices is None else indices[-self.size:]
+            n = self.size
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.embeddings[slots] = embeddings.to(self.embeddings.dtype)
+        self.labels[slots] = -1 if labels is None else labels.to(self.labels.dtype)
+        self.indices[slots] = -1 if indices is None else indices.to(self.indices.dtype)
+        self.ptr.copy_((self.ptr + n) % self.size)
+        return slots
+
+
+def knn_search(queries, keys, k, chunk_size=65536, query_labels=None, key_labels=None,
+               search_dtype=None):
+    """Top-k keys by largest dot product for each query (smallest 2 - 2 q.k for unit vectors).
+
+    The keys are scanned in chunks so the score matrix never exceeds B x chunk_size; each chunk's
+    top-k is merged into the running top-k. With labels, query i may only pick keys whose label
+    equals query_labels[i] (a query label < 0 means unconstrained). Returns (sims, idx, valid), each
+    (B, k); slots without an allowed key have sims = -inf, idx = 0 and valid = False.
+    `search_dtype` (e.g. torch.bfloat16 on GPU) only sets the precision of the score matmul."""
+    num_queries, num_keys = queries.shape[0], keys.shape[0]
+    dtype = search_dtype or torch.float32
+    q = queries.to(dtype)
+    best_sims = torch.full((num_queries, 0), -math.inf, device=queries.device)
+    best_idx = torch.zeros((num_queries, 0), dtype=torch.long, device=queries.device)
+    constrained = query_labels is not None
+    if constrained:
+        free_rows = (query_labels < 0).unsqueeze(1)
+    for start in range(0, num_keys, chunk_size):
+        chunk = keys[start:start + chunk_size]
+        sims = (q @ chunk.to(dtype).T).float()
+        if constrained:
+            allowed = (query_labels.unsqueeze(1) == key_labels[start:start + chunk_size].unsqueeze(0))
+            sims.masked_fill_(~(allowed | free_rows), -math.inf)
+        chunk_k = min(k, chunk.shape[0])
+        sims, idx = sims.topk(chunk_k, dim=1)
+        if best_sims.shape[1] == 0:
+            best_sims, best_idx = sims, idx + start
+        else:
+            merged_sims = torch.cat([best_sims, sims], dim=1)
+            merged_idx = torch.cat([best_idx, idx + start], dim=1)
+            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
+            best_idx = merged_idx.gather(1, order)
+    valid = torch.isfinite(best_sims)
+    best_idx = best_idx.masked_fill(~valid, 0)
+    return best_sims, best_idx, valid
+
+
+def mean_shift_loss(query, neighbours, valid=None):
+    """Per-sample MSF loss: mean over the valid neighbours z_j of dist(q, z_j) = 2 - 2 q.z_j.
+
+    query (B, d) and neighbours (B, k, d) are unit vectors; computed in float32. Only the k gathered
+    rows enter, never the full B x M matrix. A sample with no valid neighbour gets loss 0."""
+    sims = torch.einsum("bd,bkd->bk", query.float(), neighbours.float())
+    dists = 2 - 2 * sims
+    if valid is None:
+        return dists.mean(dim=1)
+    valid = valid.to(dists.dtype)
+    return (dists * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def purity(neighbour_labels, labels, valid=None):
+    """Fraction of (valid) neighbours whose label equals the sample's label (logged, never trained on)."""
+    same = (neighbour_labels == labels.unsqueeze(1)).float()
+    if valid is None:
+        return same.mean()
+    valid = valid.float()
+    return (same * valid).sum() / valid.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- distributed
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _slurm_to_torch_env():
+    """A bare `srun python script.py` sets only SLURM_* variables: derive the torch.distributed ones."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+        return
+    import subprocess
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]])
+        os.environ["MASTER_ADDR"] = nodes.decode().split()[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+
+
+def init_distributed(device_arg=None):
+    """Initialise torch.distributed from torchrun's or SLURM/submitit's environment, or run as a
+    single process. Returns the torch.device this process computes on (cuda:LOCAL_RANK, or cpu).
+    NCCL on GPUs, gloo on CPU."""
+    _slurm_to_torch_env()
+    use_cuda = torch.cuda.is_available() if device_arg in (None, "auto") else device_arg.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
+                                **({"device_id": device} if use_cuda else {}))
+    return device
+
+
+@torch.no_grad()
+def all_gather(tensor):
+    """Concatenate `tensor` from every rank along dim 0, in rank order (no gradient)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+@torch.no_grad()
+def batch_shuffle(x, seed, step):
+    """MoCo's shuffle-BN: deal the global batch out to the ranks in a random order, so that the target
+    encoder's BatchNorm statistics on each rank mix images of all ranks. The permutation comes from
+    (seed, step), so every rank computes the same one without a broadcast and resume stays exact.
+    Returns (this rank's shuffled images, the index that undoes the shuffle)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return x, None
+    gathered = all_gather(x)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    permutation = torch.randperm(gathered.shape[0], generator=generator).to(x.device)
+    unshuffle_index = torch.argsort(permutation)
+    local = permutation.view(world_size, -1)[get_rank()]
+    return gathered[local], unshuffle_index
+
+
+@torch.no_grad()
+def batch_unshuffle(x, unshuffle_index):
+    """Inverse of batch_shuffle: gather the outputs and give each rank back the rows of its own images."""
+    if unshuffle_index is None:
+        return x
+    gathered = all_gather(x)
+    local = unshuffle_index.view(get_world_size(), -1)[get_rank()]
+    return gathered[local]
+
+
+def reduce_mean(value):
+    """Average a float over ranks (for logging)."""
+    if get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / get_world_size()
+
+
+# ---------------------------------------------------------------- data
+
+def load_rgb_image(path):
+    """PIL loader that names the file when it cannot be read (a corrupt JPEG in a 1.28M-image folder
+    should cost one line to find, not a traceback from inside a worker)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise UsageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from None
+
+
+SYNTHETIC_SPLIT_IDS = {"train": 0, "val": 1}
+SYNTHETIC_DEFAULT_SIZES = {"train": 5000, "val": 1000}
+
+
+def _regular_polygon(r, theta, sides):
+    # inside a regular polygon of circumradius 1 iff the projection on the nearest edge normal <= apothem
+    sector = 2 * np.pi / sides
+    return r * np.cos(theta % sector - sector / 2) <= np.cos(sector / 2)
+
+
+# Each shape: (u, v, r, theta) local coordinates of a unit-size shape centred at 0 -> bool mask.
+SYNTHETIC_SHAPES = {
+    "circle": lambda u, v, r, t: r <= 0.85,
+    "square": lambda u, v, r, t: np.maximum(abs(u), abs(v)) <= 0.7,
+    "triangle": lambda u, v, r, t: _regular_polygon(r, t, 3),
+    "cross": lambda u, v, r, t: (np.minimum(abs(u), abs(v)) <= 0.25) & (np.maximum(abs(u), abs(v)) <= 0.9),
+    "ring": lambda u, v, r, t: (r <= 0.9) & (r >= 0.55),
+    "star": lambda u, v, r, t: r <= 0.55 + 0.4 * np.cos(5 * t),
+    "bar": lambda u, v, r, t: (u / 0.95) ** 2 + (v / 0.35) ** 2 <= 1,
+    "chevron": lambda u, v, r, t: (abs(u) <= 0.9) & (abs(v + 0.2 - 0.8 * abs(u)) <= 0.25),
+    "hexagon": lambda u, v, r, t: _regular_polygon(r, t, 6),
+    "half_disk": lambda u, v, r, t: (np.hypot(u, v + 0.4) <= 0.95) & (v >= -0.4),
+}
+
+
+def _segment_mask(x, y, a, b, width):
+    """Pixels within `width` of the segment from point a to point b (clutter lines)."""
+    (ax, ay), (dx, dy) = a, (b[0] - a[0], b[1] - a[1])
+    t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)
+    return (x - ax - t * dx) ** 2 + (y - ay - t * dy) ** 2 <= width * width
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(n):
+    """Pixel-centre coordinates (y, x) in [-1, 1], float32, shared by all images of one size."""
+    centres = ((np.arange(n) + 0.5) / n * 2 - 1).astype(np.float32)
+    return np.meshgrid(centres, centres, indexing="ij")
+
+
+def render_synthetic_image(rng, shape_name, image_size):
+    """One RGB uint8 image (H, W, 3): a random gradient background, 2-5 distractor lines/blobs,
+    the shape (random colour, position, scale, rotation), then pixel noise. Coordinates in [-1, 1];
+    drawn at twice the size and 2x2-averaged to anti-alias edges. Random scalars are turned into
+    Python floats so that arithmetic with the float32 grid stays float32 (2x faster)."""
+    def uniform(low, high, size=None):
+        value = rng.uniform(low, high, size)  # a Python float already when size is None
+        return value if size is None else value.tolist()
+
+    y, x = _pixel_grid(2 * image_size)
+    # background: gradient between two nearby random colours, in a random direction
+    bg = rng.uniform(0, 1, 3)
+    bg_end = np.clip(bg + rng.uniform(-0.25, 0.25, 3), 0, 1)
+    angle = uniform(0, 2 * np.pi)
+    ramp = ((x * np.cos(angle) + y * np.sin(angle) + 1) / 2)[..., None]
+    image = bg.astype(np.float32) + ramp * (bg_end - bg).astype(np.float32)
+    # clutter: random-colour thick lines and small blobs, drawn behind the shape
+    for _ in range(rng.integers(2, 6)):
+        colour = uniform(0, 1, 3)
+        if rng.random() < 0.5:
+            mask = _segment_mask(x, y, uniform(-1, 1, 2), uniform(-1, 1, 2), uniform(0.02, 0.06))
+        else:
+            cx, cy = uniform(-1, 1, 2)
+            mask = (x - cx) ** 2 + (y - cy) ** 2 <= uniform(0.05, 0.14) ** 2
+        image[mask] = colour
+    # foreground colour far enough from the background that the shape stays visible
+    fg = rng.uniform(0, 1, 3)
+    while np.abs(fg - bg).sum() < 0.6:
+        fg = rng.uniform(0, 1, 3)
+    scale = uniform(0.35, 0.65)
+    cx, cy = uniform(-1 + scale, 1 - scale, 2)
+    angle = uniform(0, 2 * np.pi)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    u = (x - cx) * cos + (y - cy) * sin
+    v = (y - cy) * cos - (x - cx) * sin
+    image[SYNTHETIC_SHAPES[shape_name](u, v, np.hypot(u, v), np.arctan2(v, u))] = fg
+    image = (image[0::2, 0::2] + image[1::2, 0::2] + image[0::2, 1::2] + image[1::2, 1::2]) / 4
+    image += rng.normal(0, uniform(0.02, 0.08), image.shape).astype(np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedurally generated shape classification: no download, deterministic by (seed, split, index).
+
+    Image i shows shape class i % num_classes; colours, pose, clutter and noise come from a numpy
+    Generator seeded with (seed, split, i), so each image is rendered on the fly, identically every
+    time and on every worker. Colour carries no class information (foreground and background are both
+    random), so an encoder has to learn shape. Returns (PIL RGB image, int label) like torchvision sets.
+    """
+
+    def __init__(self, split="train", num_images=None, image_size=32, num_classes=10, seed=0):
+        if split not in SYNTHETIC_SPLIT_IDS:
+            raise UsageError(f"synthetic split {split!r} is unknown; use one of {list(SYNTHETIC_SPLIT_IDS)}")
+        if not 2 <= num_classes <= len(SYNTHETIC_SHAPES):
+            raise UsageError(f"synthetic num_classes={num_classes}; use 2..{len(SYNTHETIC_SHAPES)}")
+        if image_size < 8:
+            raise UsageError(f"synthetic image_size={image_size} is too small to draw shapes; use >= 8")
+        self.split, self.image_size, self.seed = split, image_size, seed
+        self.num_images = SYNTHETIC_DEFAULT_SIZES[split] if num_images is None else num_images
+        self.classes = list(SYNTHETIC_SHAPES)[:num_classes]
+        self.targets = [i % num_classes for i in range(self.num_images)]  # balanced by construction
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
+        rng = np.random.default_rng([self.seed, SYNTHETIC_SPLIT_IDS[self.split], index])
+        label = self.targets[index]
+        pixels = render_synthetic_image(rng, self.classes[label], self.image_size)
+        return Image.fromarray(pixels), label
+
+
+def build_dataset(name, root, split, download=False, image_size=None):
+    """A dataset of (PIL image, label) and its number of classes.
+
+    name: imagefolder (root/train/<class>/*.JPEG and root/val/...), cifar10, cifar100, stl10 (the
+    torchvision classes, read from root; --download fetches them), or synthetic (built in, no files).
+    split: "train" or "val" (the test split for cifar/stl10)."""
+    if name == "synthetic":
+        dataset = SyntheticShapes(split=split, image_size=image_size or 32)
+        return dataset, len(dataset.classes)
+    if root is None:
+        raise UsageError(f"--data is required for --dataset {name}; pass the dataset's root folder")
+    if not os.path.isdir(root) and not download:
+        raise UsageError(f"--data {root} does not exist; pass the folder that holds the dataset")
+    if name == "imagefolder":
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise UsageError(f"{root} has no '{split}/' folder; an ImageFolder root needs "
+                             f"{split}/<class name>/<image files>")
+        try:
+            dataset = torchvision.datasets.ImageFolder(folder, loader=load_rgb_image)
+        except FileNotFoundError as e:
+            raise UsageError(f"{folder}: {str(e).splitlines()[0]} (every class folder needs at least one "
+                             "image; remove empty class folders)") from None
+        return dataset, len(dataset.classes)
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            dataset = cls(root, train=(split == "train"), download=download)
+        elif name == "stl10":
+            dataset = torchvision.datasets.STL10(root, split="train" if split == "train" else "test",
+                                                 download=download)
+            dataset.targets = [int(t) for t in dataset.labels]
+        else:
+            raise UsageError(f"unknown --dataset {name!r}; use imagefolder, cifar10, cifar100, stl10 or synthetic")
+    except RuntimeError as e:
+        raise UsageError(f"{name} not found under {root} ({str(e).splitlines()[0]}); "
+                         "put the torchvision files there or add --download") from None
+    return dataset, len(dataset.classes)
+
+
+def dataset_targets(dataset):
+    """The label of every image, read without decoding any image."""
+    return torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
+def sample_seed(seed, epoch, index):
+    """Seed of the augmentation of image `index` in `epoch`: resume and any number of workers or ranks
+    see exactly the same crops."""
+    return (seed * 1_000_003 + epoch * 2_654_435_761 + index * 40_503) % (2 ** 63)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a (PIL image, label) dataset: returns (transformed view(s), label, dataset index).
+
+    Items are requested as (index, augmentation seed) by ResumableSampler; the transform runs under
+    that seed. `labels` overrides the base dataset's labels (noisy or pseudo labels)."""
+
+    def __init__(self, base, transform, labels=None):
+        self.base, self.transform, self.labels = base, transform, labels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.base[index]
+        if self.labels is not None:
+            label = int(self.labels[index])
+        if seed is None:
+            return self.transform(image), label, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = self.transform(image)
+        return views, label, index
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Per-epoch seeded shuffle of the whole dataset, cut into equal global batches (the remainder is
+    dropped, as every rank must see the same number of steps), dealt to the ranks, and started at any
+    iteration, so a resumed epoch continues with exactly the images it would have seen.
+    Yields (index, augmentation seed) pairs for IndexedDataset."""
+
+    def __init__(self, num_samples, global_batch_size, seed=0, rank=None, world_size=None):
+        self.num_samples, self.global_batch_size, self.seed = num_samples, global_batch_size, seed
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.local_batch_size = global_batch_size // self.world_size
+        self.iters_per_epoch = num_samples // global_batch_size
+        self.epoch, self.start_iter = 0, 0
+
+    def set_epoch(self, epoch, start_iter=0):
+        self.epoch, self.start_iter = epoch, start_iter
+
+    def epoch_indices(self):
+        """(iters_per_epoch, world_size, local_batch) dataset indices of the current epoch."""
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        used = self.iters_per_epoch * self.global_batch_size
+        return order[:used].view(self.iters_per_epoch, self.world_size, self.local_batch_size)
+
+    def __iter__(self):
+        local = self.epoch_indices()[self.start_iter:, self.rank].reshape(-1).tolist()
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in local])
+
+    def __len__(self):
+        return (self.iters_per_epoch - self.start_iter) * self.local_batch_size
+
+
+def make_train_loader(dataset, sampler, workers, device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=sampler.local_batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+
+
+def _normalize():
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def weak_augmentation(image_size, scale=(0.2, 1.0)):
+    """Random resized crop + horizontal flip (the 'weak' target view of MSF w/s)."""
+    return transforms.Compose([transforms.RandomResizedCrop(image_size, scale=scale),
+                               transforms.RandomHorizontalFlip(), *_normalize()])
+
+
+def strong_augmentation(image_size, scale=(0.2, 1.0)):
+    """MoCo v2: crop, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur sigma in [0.1, 2] (p 0.5),
+    flip. The blur kernel is ~10 % of the image side (23 px at 224), as in BYOL/SimCLR."""
+    kernel_size = 2 * max(1, round(0.05 * image_size)) + 1
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=scale),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=0.5),
+        transforms.RandomHorizontalFlip(), *_normalize()])
+
+
+AUGMENTATIONS = ("weak/strong", "strong/strong", "weak/weak", "strong/weak")
+
+
+class MultiViewTransform:
+    """Applies each transform to the same image: [target view, query view, extra query crops...]."""
+
+    def __init__(self, view_transforms):
+        self.view_transforms = view_transforms
+
+    def __call__(self, image):
+        return [t(image) for t in self.view_transforms]
+
+
+def two_view_transform(augmentation, image_size):
+    """`augmentation` is 'target/query', e.g. weak/strong (the paper's MSF w/s default)."""
+    if augmentation not in AUGMENTATIONS:
+        raise UsageError(f"unknown --augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    target_name, query_name = augmentation.split("/")
+    make = {"weak": weak_augmentation, "strong": strong_augmentation}
+    return MultiViewTransform([make[target_name](image_size), make[query_name](image_size)])
+
+
+def eval_transform(image_size):
+    """Resize(256) + CenterCrop(224), scaled to other image sizes by the same 256/224 ratio."""
+    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
+                               transforms.CenterCrop(image_size), *_normalize()])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """Write atomically: to a temp file in the same folder, fsync, then rename over `path`. A process
+    killed while writing leaves the previous checkpoint intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path, script=None, arch=None):
+    """Load a checkpoint written by save_checkpoint and check it belongs to this script and arch."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist; check --resume")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__}); the file is damaged or "
+                         "not a checkpoint of this suite") from None
+    if not isinstance(checkpoint, dict) or "script" not in checkpoint:
+        raise UsageError(f"{path} is not a training checkpoint of this suite (no 'script' entry)")
+    if script is not None and checkpoint["script"] != script:
+        raise UsageError(f"{path} was written by {checkpoint['script']}, not {script}; resume it with "
+                         f"{checkpoint['script']} or use another --output-dir")
+    if arch is not None and checkpoint["args"]["arch"] != arch:
+        raise UsageError(f"{path} holds a {checkpoint['args']['arch']} model but --arch is {arch}; "
+                         f"pass --arch {checkpoint['args']['arch']} or use another --output-dir")
+    return checkpoint
+
+
+def rng_states():
+    """CPU (and CUDA) RNG states of every rank, gathered to all ranks, for exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if get_world_size() == 1:
+        return [state]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_states(states):
+    state = states[get_rank() % len(states)]
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class PreemptionHandler:
+    """Turns SLURM's warning signal (USR2, sent `signal_delay_s` before preemption or the time limit)
+    into a checkpoint at the next iteration boundary.
+
+    The handler only sets a flag; `should_stop()` (called every few iterations) agrees on it across
+    ranks. After the training script has saved its checkpoint, `exit()` hands over to the handler that
+    was installed before ours: under submitit that one requeues the job (rank 0) and the requeued job
+    resumes from the checkpoint. Without submitit, the process exits with code 3 and a message."""
+
+    def __init__(self):
+        self.signal_received = None
+        self.previous_usr2 = signal.getsignal(signal.SIGUSR2)
+        self.under_submitit = callable(self.previous_usr2)
+        signal.signal(signal.SIGUSR2, self._on_signal)
+        if not self.under_submitit:  # submitit ignores TERM on purpose (SLURM sends it before a requeue)
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal_received = signum
+        print(f"[rank {get_rank()}] received {signal.Signals(signum).name}: saving a checkpoint at the "
+              "end of this iteration", flush=True)
+
+    def poll(self, device, checkpoint_due=False):
+        """Agree across ranks on (stop now, save now): any rank that got the signal, or whose clock
+        says a periodic checkpoint is due, decides for all."""
+        flags = torch.tensor([float(self.signal_received is not None), float(checkpoint_due)], device=device)
+        if get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, save = flags.tolist()
+        return bool(stop), bool(save)
+
+    def exit(self, checkpoint_path):
+        if self.under_submitit:
+            if is_main_process():
+                self.previous_usr2(signal.SIGUSR2, None)  # submitit: resubmit, requeue, exit
+            time.sleep(600)  # other ranks: wait for SLURM to stop the job for the requeue
+            sys.exit(0)
+        if is_main_process():
+            print(f"stopped by a signal after saving {checkpoint_path}; run the same command again to "
+                  "resume", flush=True)
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------- schedules, seeding, logging
+
+def cosine_schedule(base_value, epochs, iters_per_epoch, final_value=0.0, per_epoch=True):
+    """Value for every iteration: cosine from base_value to final_value, stepped once per epoch (the
+    papers' setting) or per iteration."""
+    steps = np.arange(epochs * iters_per_epoch)
+    progress = (steps // iters_per_epoch) / epochs if per_epoch else steps / (epochs * iters_per_epoch)
+    return final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * progress))
+
+
+def fix_random_seeds(seed):
+    torch.manual_seed(seed + get_rank())
+    np.random.seed((seed + get_rank()) % 2 ** 32)
+
+
+class MetricLogger:
+    """Progress lines that read well in a SLURM log: running averages, lr, images/s and ETA.
+
+    Values are accumulated as tensors so that logging does not synchronise the GPU every step; they
+    are read (and averaged over ranks) only when a line is printed."""
+
+    def __init__(self, header, total_iters, global_batch_size, print_freq=10, start_iter=0):
+        self.header, self.total_iters, self.print_freq = header, total_iters, print_freq
+        self.global_batch_size, self.start_iter = global_batch_size, start_iter
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.window = defaultdict(lambda: deque(maxlen=print_freq))
+        self.start_time = self.last_time = time.time()
+        self.last_iter = start_iter
+
+    def update(self, **values):
+        for name, value in values.items():
+            value = value.detach() if torch.is_tensor(value) else value
+            self.sums[name] = self.sums[name] + value
+            self.counts[name] += 1
+            self.window[name].append(value)
+
+    def averages(self):
+        """Epoch averages over all ranks (one float each)."""
+        return {name: reduce_mean(float(self.sums[name]) / self.counts[name]) for name in self.sums}
+
+    def step(self, iteration, lr=None):
+        """Call after each iteration (0-based); prints every print_freq iterations and at the end."""
+        done = iteration + 1
+        if done % self.print_freq and done != self.total_iters:
+            return
+        now = time.time()
+        seconds_per_iter = (now - self.last_time) / max(1, done - self.last_iter)
+        self.last_time, self.last_iter = now, done
+        eta = datetime.timedelta(seconds=int(seconds_per_iter * (self.total_iters - done)))
+        parts = [f"{self.header} [{done:>{len(str(self.total_iters))}}/{self.total_iters}]"]
+        for name in self.sums:
+            recent = reduce_mean(float(sum(float(v) for v in self.window[name]) / len(self.window[name])))
+            parts.append(f"{name} {recent:.4f} ({reduce_mean(float(self.sums[name]) / self.counts[name]):.4f})")
+        if lr is not None:
+            parts.append(f"lr {lr:.5f}")
+        parts.append(f"img/s {self.global_batch_size / max(seconds_per_iter, 1e-9):.0f}")
+        parts.append(f"eta {eta}")
+        if is_main_process():
+            print("  ".join(parts), flush=True)
+
+
+def append_json_log(output_dir, record):
+    """One JSON line per epoch in <output_dir>/log.jsonl (rank 0 only)."""
+    if is_main_process():
+        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_args(args, output_dir, script):
+    """args.json: every argument plus the versions that produced the run."""
+    if is_main_process():
+        record = dict(args if isinstance(args, dict) else vars(args), script=script, world_size=get_world_size(),
+                      versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                "numpy": np.__version__, "python": sys.version.split()[0]})
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def amp_dtype(amp, device):
+    """--amp: bf16 (default on GPU), fp16 (with a GradScaler) or none (default on CPU)."""
+    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
