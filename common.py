@@ -441,14 +441,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return Image.fromarray(pixels), label
 
 
-def build_dataset(name, root, split, download=False, image_size=None):
+def build_dataset(name, root, split, download=False, image_size=None, synthetic_images=None):
     """A dataset of (PIL image, label) and its number of classes.
 
     name: imagefolder (root/train/<class>/*.JPEG and root/val/...), cifar10, cifar100, stl10 (the
     torchvision classes, read from root; --download fetches them), or synthetic (built in, no files).
-    split: "train" or "val" (the test split for cifar/stl10)."""
+    split: "train" or "val" (the test split for cifar/stl10). synthetic_images sets the synthetic train
+    size (val gets a fifth of it); the default is 5000 / 1000."""
     if name == "synthetic":
-        dataset = SyntheticShapes(split=split, image_size=image_size or 32)
+        num_images = None if not synthetic_images else max(1, synthetic_images // (1 if split == "train" else 5))
+        dataset = SyntheticShapes(split=split, num_images=num_images, image_size=image_size or 32)
         return dataset, len(dataset.classes)
     if root is None:
         raise UsageError(f"--data is required for --dataset {name}; pass the dataset's root folder")

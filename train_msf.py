@@ -33,6 +33,7 @@ def get_args_parser():
     p.add_argument("--dataset", default="imagefolder",
                    choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
+    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
     p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
     p.add_argument("--epochs", type=int, default=200)
@@ -154,7 +155,8 @@ def main(args):
     args.iters_this_run = 0
 
     # ---- data
-    base, _ = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size)
+    base, _ = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
+                                 args.synthetic_images)
     if len(base) < args.batch_size:
         raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
     dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size))
