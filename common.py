@@ -368,7 +368,7 @@ def _pixel_grid(n):
 
 
 def render_synthetic_image(rng, shape_name, image_size):
-    """One RGB uint8 image (H, W, 3): a random gradient background, 2-5 distractor lines/blobs,
+    """One RGB uint8 image (H, W, 3): a random gradient background, 1-3 distractor lines/blobs,
     the shape (random colour, position, scale, rotation), then pixel noise. Coordinates in [-1, 1];
     drawn at twice the size and 2x2-averaged to anti-alias edges. Random scalars are turned into
     Python floats so that arithmetic with the float32 grid stays float32 (2x faster)."""
@@ -384,19 +384,19 @@ def render_synthetic_image(rng, shape_name, image_size):
     ramp = ((x * np.cos(angle) + y * np.sin(angle) + 1) / 2)[..., None]
     image = bg.astype(np.float32) + ramp * (bg_end - bg).astype(np.float32)
     # clutter: random-colour thick lines and small blobs, drawn behind the shape
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(1, 4)):
         colour = uniform(0, 1, 3)
         if rng.random() < 0.5:
-            mask = _segment_mask(x, y, uniform(-1, 1, 2), uniform(-1, 1, 2), uniform(0.02, 0.06))
+            mask = _segment_mask(x, y, uniform(-1, 1, 2), uniform(-1, 1, 2), uniform(0.015, 0.04))
         else:
             cx, cy = uniform(-1, 1, 2)
-            mask = (x - cx) ** 2 + (y - cy) ** 2 <= uniform(0.05, 0.14) ** 2
+            mask = (x - cx) ** 2 + (y - cy) ** 2 <= uniform(0.04, 0.1) ** 2
         image[mask] = colour
     # foreground colour far enough from the background that the shape stays visible
     fg = rng.uniform(0, 1, 3)
     while np.abs(fg - bg).sum() < 0.6:
         fg = rng.uniform(0, 1, 3)
-    scale = uniform(0.35, 0.65)
+    scale = uniform(0.45, 0.7)
     cx, cy = uniform(-1 + scale, 1 - scale, 2)
     angle = uniform(0, 2 * np.pi)
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
@@ -404,7 +404,7 @@ def render_synthetic_image(rng, shape_name, image_size):
     v = (y - cy) * cos - (x - cx) * sin
     image[SYNTHETIC_SHAPES[shape_name](u, v, np.hypot(u, v), np.arctan2(v, u))] = fg
     image = (image[0::2, 0::2] + image[1::2, 0::2] + image[0::2, 1::2] + image[1::2, 1::2]) / 4
-    image += rng.normal(0, uniform(0.02, 0.08), image.shape).astype(np.float32)
+    image += rng.normal(0, uniform(0.01, 0.05), image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
@@ -791,3 +791,156 @@ def amp_dtype(amp, device):
     """--amp: bf16 (default on GPU), fp16 (with a GradScaler) or none (default on CPU)."""
     amp = amp or ("bf16" if device.type == "cuda" else "none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+# ---------------------------------------------------------------- evaluation helpers
+
+# Prefix parts that mark the momentum/target copy of a network (never the one to evaluate), and the
+# parts that mark the online/query copy (preferred when both hold a full backbone).
+_TARGET_PARTS = {"target", "target_encoder", "encoder_t", "encoder_k", "teacher", "momentum_encoder",
+                 "key_encoder", "model_ema", "ema", "memory_bank", "optimizer"}
+_ONLINE_PARTS = {"online", "encoder_q", "query_encoder", "student", "backbone"}
+
+
+def _flatten_tensors(tree, prefix=""):
+    """Every tensor of a nested dict as {"outer.inner.key": tensor}."""
+    flat = {}
+    for key, value in tree.items():
+        if torch.is_tensor(value):
+            flat[prefix + str(key)] = value
+        elif isinstance(value, dict):
+            flat.update(_flatten_tensors(value, f"{prefix}{key}."))
+    return flat
+
+
+def _describe_format(checkpoint, prefix):
+    if isinstance(checkpoint, dict) and "script" in checkpoint:
+        epoch = f", epoch {checkpoint['epoch']}" if "epoch" in checkpoint else ""
+        return f"training checkpoint of {checkpoint['script']}{epoch}, prefix '{prefix}'"
+    if prefix == "":
+        return "torchvision state dict"
+    return f"released/other checkpoint, prefix '{prefix}'"
+
+
+def load_backbone_weights(backbone, path):
+    """Load the backbone weights of any checkpoint format into `backbone` (fc = Identity), strictly.
+
+    Formats: our training checkpoints ("online" = Sequential(encoder, predictor), keys
+    "0.backbone.*"; also the weights-only checkpoint_EEEE.pth), a plain torchvision ResNet state dict
+    (fc.* ignored), and the authors' released MSF/CMSF checkpoints (backbone inside "state_dict" or
+    "model" under prefixes such as encoder_q.module., module.encoder_q., encoder_q.0., module.encoder.;
+    projection/predictor/fc keys are ignored). How: every tensor of the (nested) file gets a dotted
+    name; for each prefix we count the backbone's keys found under it, and take the prefix covering
+    most of them, preferring the online/query network over the target/momentum one.
+    Strict: every backbone tensor must be found with the right shape (only BatchNorm's
+    num_batches_tracked counter may be absent), else UsageError. Returns a one-line summary."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path} does not exist; pass a checkpoint file")
+    note = ""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_error:
+        # Released checkpoints may pickle argparse Namespaces etc., which weights_only refuses.
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            note = "; the file holds Python objects, loaded with weights_only=False: use files you trust"
+        except Exception:
+            raise UsageError(f"cannot load {path} ({type(safe_error).__name__}); the file is damaged or not "
+                             "a PyTorch checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")
+    tensors = _flatten_tensors(checkpoint)
+    expected = backbone.state_dict()
+    # Candidate prefixes: whatever precedes a backbone key name at a "." boundary.
+    coverage = defaultdict(set)
+    for name in tensors:
+        for key in expected:
+            if name == key or name.endswith("." + key):
+                coverage[name[:len(name) - len(key)]].add(key)
+    required = {k for k in expected if not k.endswith("num_batches_tracked")}
+
+    def preference(prefix):
+        parts = set(prefix.rstrip(".").split("."))
+        return (len(coverage[prefix] & required), not (parts & _TARGET_PARTS), bool(parts & _ONLINE_PARTS))
+
+    if max((len(c & required) for c in coverage.values()), default=0) < max(1, len(required) // 10):
+        examples = ", ".join(list(tensors)[:5]) or "none"
+        raise UsageError(f"no backbone weights in {path} (found keys like {examples}); pass a checkpoint "
+                         "holding a ResNet of this --arch")
+    ranked = sorted(coverage, key=preference, reverse=True)
+    prefix = ranked[0]
+    if len(ranked) > 1 and preference(ranked[1]) == preference(prefix):
+        raise UsageError(f"{path} holds several complete backbones (prefixes '{prefix}', '{ranked[1]}'); "
+                         "save the one to evaluate as a torchvision state dict")
+    missing = sorted(required - coverage[prefix], key=list(expected).index)
+    if missing:
+        raise UsageError(f"{path} misses {len(missing)} backbone weights under prefix '{prefix}' (e.g. "
+                         f"{', '.join(missing[:4])}); check --arch")
+    state = {}
+    for key, current in expected.items():
+        value = tensors.get(prefix + key)
+        if value is None:  # a num_batches_tracked counter: unused in eval mode
+            value = current
+        if value.shape != current.shape:
+            raise UsageError(f"{prefix + key} has shape {tuple(value.shape)} in {path} but {tuple(current.shape)} "
+                             "in the backbone; check --arch and --image-size (<= 64 px uses the small stem)")
+        state[key] = value
+    backbone.load_state_dict(state, strict=True)
+    ignored = len(tensors) - len(coverage[prefix])
+    return (f"loaded {len(coverage[prefix])} backbone tensors from {path} (format: "
+            f"{_describe_format(checkpoint, prefix)}; {ignored} other tensors ignored){note}")
+
+
+_default_amp_dtype = amp_dtype  # extract_features' argument of the same name shadows it
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, workers, device, amp_dtype=None, print_freq=50,
+                     header="features"):
+    """Pooled features of every image of `dataset` (items (image, label) or (image, label, index)),
+    with the backbone in eval mode. Returns (features float32 (N, feat), labels long (N,)) in dataset
+    order, on `device`, on every rank.
+
+    Under DDP each rank takes a contiguous shard of ceil(N / world) images (the last ranks get fewer,
+    possibly none); the padded shards are all-gathered and the valid rows form the prefix [0, N), so
+    nothing is duplicated or lost. `batch_size` is global (split over ranks). `amp_dtype`: a torch
+    dtype, or an --amp value (None = bf16 on GPU / float32 on CPU, "bf16", "fp16", "none")."""
+    if amp_dtype is None or isinstance(amp_dtype, str):
+        amp_dtype = _default_amp_dtype(amp_dtype, device)
+    world_size, rank = get_world_size(), get_rank()
+    num_images = len(dataset)
+    shard = math.ceil(num_images / world_size)
+    start, end = min(rank * shard, num_images), min((rank + 1) * shard, num_images)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(start, end)), batch_size=max(1, batch_size // world_size),
+        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval()
+
+    def forward(images):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return backbone(images.to(device, non_blocking=True)).float()
+
+    feat_dim = forward(dataset[0][0].unsqueeze(0)).shape[1]  # on every rank, even one with no images
+    features = torch.zeros(shard, feat_dim, device=device)
+    labels = torch.full((shard,), -1, dtype=torch.long, device=device)
+    done, tick, tick_images = 0, time.time(), 0
+    for it, batch in enumerate(loader):
+        images, batch_labels = batch[0], batch[1]
+        features[done:done + len(images)] = forward(images)
+        labels[done:done + len(images)] = torch.as_tensor(batch_labels).to(device)
+        done += len(images)
+        tick_images += len(images)
+        if is_main_process() and ((it + 1) % print_freq == 0 or it + 1 == len(loader)):
+            now = time.time()
+            print(f"{header} [{it + 1}/{len(loader)}]  {tick_images * world_size / max(now - tick, 1e-9):.0f} img/s",
+                  flush=True)
+            tick, tick_images = now, 0
+    backbone.train(was_training)
+    if world_size > 1:
+        all_features = torch.empty(world_size * shard, feat_dim, device=device)
+        all_labels = torch.empty(world_size * shard, dtype=torch.long, device=device)
+        dist.all_gather(list(all_features.split(shard)), features)
+        dist.all_gather(list(all_labels.split(shard)), labels)
+        features, labels = all_features, all_labels
+    return features[:num_images], labels[:num_images]
