@@ -615,6 +615,9 @@ def save_checkpoint(state, path):
     killed while writing leaves the previous checkpoint intact."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it 0600: keep the usual permissions of a new file
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -909,6 +912,8 @@ def extract_features(backbone, dataset, batch_size, workers, device, amp_dtype=N
         amp_dtype = _default_amp_dtype(amp_dtype, device)
     world_size, rank = get_world_size(), get_rank()
     num_images = len(dataset)
+    if num_images == 0:
+        raise UsageError("the dataset to extract features from is empty; check --data and the split")
     shard = math.ceil(num_images / world_size)
     start, end = min(rank * shard, num_images), min((rank + 1) * shard, num_images)
     loader = torch.utils.data.DataLoader(

@@ -86,7 +86,7 @@ def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank,
     for it, (views, labels, indices) in enumerate(loader, start=start_iter):
         step = epoch * iters + it
         for group in optimizer.param_groups:
-            group["lr"] = lr_schedule[step]
+            group["lr"] = float(lr_schedule[step])  # a numpy float would make the checkpoint unloadable (weights_only)
         target_view, query_view = (v.to(device, non_blocking=True) for v in views[:2])
         if args.channels_last:
             target_view = target_view.to(memory_format=torch.channels_last)
@@ -164,7 +164,9 @@ def main(args):
     loader = common.make_train_loader(dataset, sampler, args.workers, device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
-    encoder = common.build_encoder(args.arch, args.image_size)
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
+        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
+        encoder = common.build_encoder(args.arch, args.image_size)
     online = torch.nn.Sequential(encoder, common.build_predictor(encoder)).to(device)
     target_encoder = copy.deepcopy(encoder).to(device)
     for p in target_encoder.parameters():
@@ -188,11 +190,16 @@ def main(args):
     resume_path = args.resume or (latest if os.path.exists(latest) else None)
     if resume_path:
         ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
-        online.load_state_dict(ckpt["online"])
-        target_encoder.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        memory_bank.load_state_dict(ckpt["memory_bank"])
+        try:
+            online.load_state_dict(ckpt["online"])
+            target_encoder.load_state_dict(ckpt["target"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            memory_bank.load_state_dict(ckpt["memory_bank"])
+        except (RuntimeError, ValueError) as e:  # shapes differ: another --image-size stem, --mem-bank-size...
+            raise common.UsageError(f"{resume_path} does not fit this run ({str(e).strip().splitlines()[-1].strip()}); "
+                                    "resume with the --arch, --image-size and --mem-bank-size it was trained with, "
+                                    "or use another --output-dir") from None
         common.set_rng_states(ckpt["rng"])
         start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
         if rank == 0:

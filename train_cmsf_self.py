@@ -1,0 +1,533 @@
+"""CMSF: Constrained Mean Shift, self-supervised "2Q" variant (Tejankar, Koohpayegani & Pirsiavash, 2021).
+
+MSF pulls the online prediction q towards the k nearest neighbours of the target t in a memory bank.
+CMSF adds a second term whose neighbours are constrained to a set C found with a DIFFERENT view of
+the same image: C = the k' nearest neighbours of t' (this image's target embedding from its previous
+visit) among M' (the previous-visit embeddings of the images in the bank); the constrained neighbours
+are the k members of C closest to t.  loss = (constrained MSF loss + unconstrained MSF loss) / 2.
+Images without a previous visit (epoch 1) use plain MSF for both terms. `--constraint kmeans` (CMSF-KM)
+instead clusters the per-image embeddings every epoch and constrains to the sample's cluster.
+
+Paper rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 5, k' = 5, M = 128K; linear / 1-NN / 20-NN):
+  CMSF 2Q (128K)         73.0 / 63.2 / 66.4   python train_cmsf_self.py --data /imagenet
+  CMSF-KM (128K)         72.9 / 63.2 / 66.2   python train_cmsf_self.py --data /imagenet --constraint kmeans
+  CMSF 2Q + multi-crop   74.4 / 62.3 / 66.2   python train_cmsf_self.py --data /imagenet --local-crops-number 6
+The multi-crop recipe is ours (upstream never released it): SwAV-style 2 x 224 (target + query) plus
+6 x 96 strong-augmented query crops with RandomResizedCrop scale (0.05, 0.2), all pulled to the same
+neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ... (--batch-size is global).
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "train_cmsf_self.py"
+LOCAL_CROP_SCALE = (0.05, 0.2)  # below the (0.2, 1) of the two large crops, as SwAV/DINO separate them
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CMSF self-supervised", description=__doc__.split("\n")[0], add_help=False)
+    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+    p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
+    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
+    p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
+    p.add_argument("--topk", type=int, default=5, help="number of nearest neighbours k (both terms)")
+    p.add_argument("--topk-prime", type=int, default=5,
+                   help="2Q: size k' of the constraint set C (neighbours of t' in M')")
+    p.add_argument("--constraint", default="2q", choices=["2q", "kmeans"],
+                   help="2q: previous-visit neighbours (CMSF); kmeans: same k-means cluster (CMSF-KM)")
+    p.add_argument("--num-clusters", type=int, default=50_000, help="kmeans: number of clusters")
+    p.add_argument("--kmeans-iters", type=int, default=20, help="kmeans: Lloyd iterations per epoch")
+    p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
+    p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage precision of the memory bank (half halves its memory)")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage precision of the previous-visit store and of M' (half halves their memory)")
+    p.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the neighbour-search matmul (the loss stays float32)")
+    p.add_argument("--augmentation", default="weak/strong", choices=common.AUGMENTATIONS,
+                   help="target/query augmentations")
+    p.add_argument("--local-crops-number", type=int, default=0,
+                   help="extra small strong-augmented query crops per image (multi-crop; the 74.4 row uses 6)")
+    p.add_argument("--local-crops-size", type=int, default=96,
+                   help="side of the extra query crops (96 for 224 images; scale it with --image-size)")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="mixed precision (default: bf16 on GPU, none on CPU)")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    p.add_argument("--output-dir", default="./output/cmsf_self", help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output-dir/checkpoint.pth)")
+    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--checkpoint-minutes", type=float, default=30,
+                   help="also save checkpoint.pth every N minutes within an epoch")
+    p.add_argument("--stop-after-iters", type=int, default=0,
+                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
+                        "for fixed time slots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+class PreviousVisitStore(torch.nn.Module):
+    """For every dataset index, the target embedding of that image's most recent visit: N x d.
+
+    A row of zeros means "not visited yet" (stored rows are unit vectors, never zero, even in half
+    precision), so no separate flag array is needed and the store is exactly N x d, half of upstream's
+    2 x N x d float32 table in float32 and a quarter of it in float16/bfloat16."""
+
+    def __init__(self, num_images, dim, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(num_images, dim, dtype=dtype))
+
+    @property
+    def nbytes(self):
+        return self.embeddings.nbytes
+
+    def lookup(self, indices):
+        """(previous-visit embeddings as float32 (B, d), visited (B,) bool) of the given images."""
+        rows = self.embeddings[indices]
+        return rows.float(), (rows != 0).any(dim=1)
+
+    @torch.no_grad()
+    def record(self, indices, embeddings):
+        self.embeddings[indices] = embeddings.to(self.embeddings.dtype)
+
+
+@torch.no_grad()
+def spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_size=None):
+    """Cosine k-means of unit vectors: assign each point to the centroid of largest dot product,
+    re-estimate each centroid as the normalised mean of its points. Seeded greedy k-means++ seeding
+    (on a random subsample of at most 16 points per cluster, so the sequential seeding stays cheap at
+    50,000 clusters); an empty cluster keeps its previous centroid. Assignment is chunked so the score
+    matrix stays below 2^27 entries. Returns (assignments (n,) long, centroids (K, d) float32)."""
+    points = points.float()
+    n = points.shape[0]
+    num_clusters = min(num_clusters, n)
+    chunk_size = chunk_size or max(1, (1 << 27) // num_clusters)
+    generator = torch.Generator().manual_seed(seed)
+
+    # Greedy k-means++ (as scikit-learn): draw 2 + log K candidates with probability proportional to
+    # their squared distance 2 - 2 cos to the nearest centroid so far, keep the one that lowers the
+    # total of those distances most.
+    sample = points[torch.randperm(n, generator=generator)[:min(n, 16 * num_clusters)].to(points.device)]
+    num_candidates = 2 + int(math.log(num_clusters))
+    uniforms = torch.rand(num_clusters, num_candidates, generator=generator, dtype=torch.float64).to(points.device)
+    chosen = torch.empty(num_clusters, dtype=torch.long, device=points.device)
+    chosen[0] = (uniforms[0, 0] * sample.shape[0]).long().clamp(max=sample.shape[0] - 1)
+    nearest_dist = (2 - 2 * sample @ sample[chosen[0]]).clamp(min=0).double()
+    for c in range(1, num_clusters):
+        cumulative = nearest_dist.cumsum(0)
+        candidates = torch.searchsorted(cumulative, uniforms[c] * cumulative[-1], right=True)
+        candidates = candidates.clamp(max=sample.shape[0] - 1)
+        dists = torch.minimum(nearest_dist.unsqueeze(1), (2 - 2 * sample @ sample[candidates].T).clamp(min=0).double())
+        best = dists.sum(0).argmin()
+        chosen[c] = candidates[best]
+        nearest_dist = dists[:, best]
+    centroids = sample[chosen].clone()
+
+    assignments = torch.full((n,), -1, dtype=torch.long, device=points.device)
+    for _ in range(iters):
+        new_assignments = torch.cat([(chunk @ centroids.T).argmax(dim=1) for chunk in points.split(chunk_size)])
+        sums = torch.zeros_like(centroids).index_add_(0, new_assignments, points)
+        non_empty = sums.norm(dim=1) > 0
+        centroids = torch.where(non_empty.unsqueeze(1), F.normalize(sums, dim=1), centroids)
+        converged = torch.equal(new_assignments, assignments)
+        assignments = new_assignments
+        if converged:
+            break
+    return assignments, centroids
+
+
+@torch.no_grad()
+def cluster_store(store, num_clusters, iters, seed, epoch):
+    """CMSF-KM: k-means of the per-image embeddings of every visited image; returns the cluster of every
+    dataset index (-1: not visited, unconstrained). Rank 0's result is broadcast so that all ranks
+    constrain with identical clusters even if their GPUs round differently."""
+    visited_indices = (store.embeddings != 0).any(dim=1).nonzero().squeeze(1)
+    cluster_of_image = torch.full((store.embeddings.shape[0],), -1, dtype=torch.long, device=store.embeddings.device)
+    assignments, _ = spherical_kmeans(store.embeddings[visited_indices], num_clusters, iters,
+                                      seed=seed * 1_000_003 + epoch)
+    cluster_of_image[visited_indices] = assignments
+    if common.get_world_size() > 1:
+        dist.broadcast(cluster_of_image, src=0)
+    return cluster_of_image
+
+
+class OnlineNetwork(torch.nn.Sequential):
+    """Online encoder + predictor (same parameter names as train_msf.py's nn.Sequential). Its forward
+    takes a list of query crops and runs each run of same-resolution crops as one batch (DINO's
+    multi-crop wrapper), so that DDP sees a single forward per step. Returns (sum of batches, d)."""
+
+    def forward(self, crops):
+        outputs, start = [], 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            outputs.append(super().forward(torch.cat(crops[start:end])))
+            start = end
+        return torch.cat(outputs)
+
+
+@torch.no_grad()
+def two_queue_constraint(target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype=None):
+    """The 2Q constraint. C = the k' nearest neighbours of t' (previous-visit embedding of each image)
+    among the rows of M' (previous_bank) whose image had a previous visit (label 0; -1 never matches);
+    the constrained neighbours are the min(k, k') members of C most similar to t.
+    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')), validity)."""
+    query_labels = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    _, candidates, candidates_valid = common.knn_search(target_prev, previous_bank.embeddings, k_prime,
+                                                        query_labels=query_labels,
+                                                        key_labels=previous_bank.labels, search_dtype=search_dtype)
+    sims = torch.einsum("bd,bkd->bk", target, memory_bank.embeddings[candidates].float())
+    sims = sims.masked_fill(~candidates_valid, -math.inf)
+    top_sims, order = sims.topk(min(k, k_prime), dim=1)
+    return candidates, candidates_valid, candidates.gather(1, order), torch.isfinite(top_sims)
+
+
+@torch.no_grad()
+def complete_constrained(constrained, constrained_valid, constrained_rows, unconstrained, k):
+    """Rows without a constraint (no previous visit / no cluster yet) take the unconstrained neighbours,
+    i.e. plain MSF. With k' < k the constrained set has k' columns: as upstream, the other k - k' are
+    the nearest unconstrained neighbours not already chosen. Invalid slots stay out of the loss."""
+    rows = constrained_rows.unsqueeze(1)
+    if constrained.shape[1] < k:
+        already = ((unconstrained.unsqueeze(2) == constrained.unsqueeze(1)) & constrained_valid.unsqueeze(1)).any(2)
+        fresh_first = torch.sort(already.int(), dim=1, stable=True).indices  # keeps the similarity order
+        padding = unconstrained.gather(1, fresh_first[:, :k - constrained.shape[1]])
+        constrained = torch.cat([constrained, padding], dim=1)
+        constrained_valid = torch.cat([constrained_valid, torch.ones_like(padding, dtype=torch.bool)], dim=1)
+    slots = torch.where(rows, constrained, unconstrained)
+    valid = torch.where(rows, constrained_valid, torch.ones_like(constrained_valid))
+    return slots, valid
+
+
+@torch.no_grad()
+def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store, cluster_of_image,
+                                args):
+    """One step of bookkeeping and search for the local targets t (B, d), after all-gathering the
+    global batch so that every rank's bank, M' and store stay identical:
+    1. t' = previous-visit embeddings of the global batch, read BEFORE this visit is recorded;
+    2. enqueue t into the bank and t' into M' (lockstep: same slots), then record t in the store;
+    3. unconstrained top-k of t in the bank (which holds t itself) and the constrained top-k.
+    Returns a dict of (B, k) slot/valid tensors and the (B,) rows that are constrained."""
+    global_target, global_labels, global_indices = (common.all_gather(x) for x in (target, labels, indices))
+    global_prev, global_visited = store.lookup(global_indices)
+    memory_bank.enqueue(global_target, global_labels, global_indices)
+    if previous_bank is not None:
+        # label 0 marks slots whose image had a previous visit, -1 (never searched) the others
+        previous_bank.enqueue(global_prev, torch.where(global_visited, 0, -1), global_indices)
+    store.record(global_indices, global_target)
+
+    rank_rows = slice(common.get_rank() * target.shape[0], (common.get_rank() + 1) * target.shape[0])
+    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, args.topk,
+                                            search_dtype=args.search_dtype_obj)
+    found = {"unconstrained": unconstrained}
+    if args.constraint == "2q":
+        target_prev, constrained_rows = global_prev[rank_rows], global_visited[rank_rows]
+        found["candidates"], found["candidates_valid"], constrained, constrained_valid = two_queue_constraint(
+            target, target_prev, memory_bank, previous_bank, args.topk, args.topk_prime, args.search_dtype_obj)
+    else:  # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
+        sample_clusters = cluster_of_image[indices]
+        slot_clusters = torch.where(memory_bank.indices >= 0, cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
+        _, constrained, constrained_valid = common.knn_search(
+            target, memory_bank.embeddings, args.topk, query_labels=sample_clusters, key_labels=slot_clusters,
+            search_dtype=args.search_dtype_obj)
+        constrained_rows = sample_clusters >= 0
+    found["constrained"], found["constrained_valid"] = complete_constrained(
+        constrained, constrained_valid, constrained_rows, unconstrained, args.topk)
+    found["constrained_rows"] = constrained_rows
+    return found
+
+
+def cmsf_loss(queries, memory_bank, found):
+    """The CMSF self-supervised loss, averaged over the query crops q of each image:
+        L = 1/2 [ 1/|N_C(t)| sum_{z in N_C(t)} (2 - 2 q.z)  +  1/k sum_{z in N(t)} (2 - 2 q.z) ]
+    N(t): top-k of t in the bank; N_C(t): top-k of t restricted to the constraint set C (both hold t).
+    queries: (crops, B, d) unit vectors. Returns the per-sample loss (B,)."""
+    constrained = memory_bank.embeddings[found["constrained"]]
+    unconstrained = memory_bank.embeddings[found["unconstrained"]]
+    per_crop = [(common.mean_shift_loss(q, constrained, found["constrained_valid"])
+                 + common.mean_shift_loss(q, unconstrained)) / 2 for q in queries]
+    return torch.stack(per_crop).mean(dim=0)
+
+
+@torch.no_grad()
+def rank_in_unconstrained_order(target, bank_embeddings, slots, valid, chunk_size=65536):
+    """Mean rank (0 = nearest) of the given neighbours among all bank entries ordered by similarity to
+    t: the count of entries strictly more similar. One B x M pass, so it is only run at print steps.
+    The neighbours' own similarities come from the same matmul, so a neighbour never outranks itself."""
+    sims = torch.cat([target @ chunk.float().T for chunk in bank_embeddings.split(chunk_size)], dim=1)
+    neighbour_sims = sims.gather(1, slots)
+    ranks = torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1) for j in range(slots.shape[1])], dim=1)
+    valid = valid.float()
+    return (ranks.float() * valid).sum() / valid.sum().clamp(min=1)
+
+
+def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memories, lr_schedule,
+                    start_iter, preemption, save):
+    online, target_encoder = models["online"], models["target"]
+    memory_bank = memories["memory_bank"]
+    iters = loader.sampler.iters_per_epoch
+    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
+                                 args.print_freq, start_iter)
+    device, autocast_dtype = args.device_obj, args.autocast_dtype
+    last_save = time.time()
+    for it, (views, labels, indices) in enumerate(loader, start=start_iter):
+        step = epoch * iters + it
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[step])  # a numpy float would make the checkpoint unloadable (weights_only)
+        views = [v.to(device, non_blocking=True) for v in views]
+        if args.channels_last:
+            views = [v.to(memory_format=torch.channels_last) for v in views]
+        target_view, query_crops = views[0], views[1:]  # query crops: the query view + local crops
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            queries = online(query_crops)
+        queries = F.normalize(queries.float(), dim=1).view(len(query_crops), -1, queries.shape[1])
+
+        with torch.no_grad():
+            common.ema_update_(target_encoder, models["online_encoder"], args.ema)
+            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                target = target_encoder(shuffled)
+            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
+            # Enqueue first (inside): the bank then holds t itself, its own nearest neighbour.
+            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, memories["previous_bank"],
+                                                memories["store"], memories["cluster_of_image"], args)
+
+        loss_per_sample = cmsf_loss(queries, memory_bank, found)
+        loss = loss_per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        # Logged, never trained on: purity (true labels) of the neighbour sets of both terms, the fraction
+        # of samples without a constraint (plain MSF), and at print steps the mean rank of the constrained
+        # neighbours in the unconstrained ordering (how far down the plain list they lie).
+        logger.update(loss=loss,
+                      purity_constrained=common.purity(memory_bank.labels[found["constrained"]], labels,
+                                                       found["constrained_valid"]),
+                      purity_unconstrained=common.purity(memory_bank.labels[found["unconstrained"]], labels),
+                      msf_fallback=1.0 - found["constrained_rows"].float().mean())
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            logger.update(constrained_rank=rank_in_unconstrained_order(
+                target, memory_bank.embeddings, found["constrained"], found["constrained_valid"]))
+            check_finite(loss, epoch, it)
+        logger.step(it, lr=lr_schedule[step])
+        args.iters_this_run += 1
+        if (it + 1) % 10 == 0 or args.stop_after_iters:
+            stop, save_due = preemption.poll(device, time.time() - last_save > args.checkpoint_minutes * 60)
+            out_of_budget = args.stop_after_iters and args.iters_this_run >= args.stop_after_iters
+            if (stop or save_due or out_of_budget) and it + 1 < iters:  # the epoch end saves anyway
+                check_finite(loss, epoch, it)
+                path = save(epoch, it + 1)
+                last_save = time.time()
+                if stop:
+                    preemption.exit(path)
+                if out_of_budget:
+                    return None
+    return logger.averages()
+
+
+def check_finite(loss, epoch, it):
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
+                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
+
+
+def check_args(args, world_size, num_images):
+    if args.batch_size < world_size or args.batch_size % world_size:
+        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
+                                f"number of processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
+    if not 1 <= args.topk <= args.mem_bank_size:
+        raise common.UsageError(f"--topk {args.topk} must be between 1 and --mem-bank-size ({args.mem_bank_size})")
+    if not 1 <= args.topk_prime <= args.mem_bank_size:
+        raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and --mem-bank-size "
+                                f"({args.mem_bank_size})")
+    if args.constraint == "kmeans" and not 1 <= args.num_clusters <= num_images:
+        raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the number of "
+                                f"training images ({num_images}); lower it")
+    if args.kmeans_iters < 1:
+        raise common.UsageError(f"--kmeans-iters {args.kmeans_iters} must be at least 1")
+    if args.local_crops_number < 0:
+        raise common.UsageError(f"--local-crops-number {args.local_crops_number} must be 0 or more")
+    if args.local_crops_number and not 1 <= args.local_crops_size <= args.image_size:
+        raise common.UsageError(f"--local-crops-size {args.local_crops_size} must be between 1 and --image-size "
+                                f"({args.image_size}); use about 96/224 of it, e.g. {max(1, round(args.image_size * 96 / 224))}")
+
+
+def main(args):
+    device = common.init_distributed(args.device)
+    world_size, rank = common.get_world_size(), common.get_rank()
+    common.fix_random_seeds(args.seed)
+    args.device_obj = device
+    args.autocast_dtype = common.amp_dtype(args.amp, device)
+    args.search_dtype_obj = getattr(torch, args.search_dtype)
+    args.channels_last = device.type == "cuda"
+    args.iters_this_run = 0
+
+    # ---- data: [target view, query view, local query crops...]
+    base, _ = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
+                                 args.synthetic_images)
+    check_args(args, world_size, len(base))
+    if len(base) < args.batch_size:
+        raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
+    two_views = common.two_view_transform(args.augmentation, args.image_size).view_transforms
+    local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE)
+                   for _ in range(args.local_crops_number)]
+    dataset = common.IndexedDataset(base, common.MultiViewTransform(two_views + local_crops))
+    sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = common.make_train_loader(dataset, sampler, args.workers, device)
+
+    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
+        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
+        encoder = common.build_encoder(args.arch, args.image_size)
+    online = OnlineNetwork(encoder, common.build_predictor(encoder)).to(device)
+    target_encoder = copy.deepcopy(encoder).to(device)
+    for p in target_encoder.parameters():
+        p.requires_grad_(False)
+    if args.channels_last:
+        online, target_encoder = online.to(memory_format=torch.channels_last), target_encoder.to(memory_format=torch.channels_last)
+    online_ddp = torch.nn.parallel.DistributedDataParallel(online) if world_size > 1 else online
+    models = {"online": online_ddp, "online_encoder": online[0], "target": target_encoder}
+
+    # ---- memories, replicated and identical on every rank: bank, previous-visit store, and M'
+    # (2Q, lockstep with the bank) or the k-means cluster of every image (CMSF-KM)
+    store_dtype = getattr(torch, args.store_dtype)
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
+                                    seed=args.seed).to(device)
+    store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(device)
+    previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype, seed=args.seed + 1).to(device)
+                     if args.constraint == "2q" else None)
+    cluster_of_image = torch.full((len(dataset),), -1, dtype=torch.long, device=device)
+    memories = {"memory_bank": memory_bank, "previous_bank": previous_bank, "store": store,
+                "cluster_of_image": cluster_of_image}
+
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
+    lr_schedule = common.cosine_schedule(lr, args.epochs, sampler.iters_per_epoch)
+
+    # ---- resume
+    os.makedirs(args.output_dir, exist_ok=True)
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch, start_iter = 0, 0
+    resume_path = args.resume or (latest if os.path.exists(latest) else None)
+    if resume_path:
+        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
+        if ckpt["args"]["constraint"] != args.constraint:
+            raise common.UsageError(f"{resume_path} was trained with --constraint {ckpt['args']['constraint']}; "
+                                    f"pass it again or use another --output-dir")
+        online.load_state_dict(ckpt["online"])
+        target_encoder.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        memory_bank.load_state_dict(ckpt["memory_bank"])
+        store.load_state_dict(ckpt["store"])
+        if previous_bank is not None:
+            previous_bank.load_state_dict(ckpt["previous_bank"])
+        cluster_of_image.copy_(ckpt["cluster_of_image"])
+        common.set_rng_states(ckpt["rng"])
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        if rank == 0:
+            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
+    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+    if rank == 0:
+        mib = 2 ** 20
+        upstream = 2 * len(dataset) * encoder.embed_dim * 4
+        second = (f" + M' {args.mem_bank_size} x {encoder.embed_dim} {args.store_dtype} "
+                  f"({previous_bank.embeddings.nbytes / mib:.1f} MiB)" if previous_bank is not None else "")
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {world_size} process(es) on {device}, "
+              f"global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
+              f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / mib:.1f} MiB), "
+              f"constraint {args.constraint}, k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
+              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp {args.autocast_dtype}\n"
+              f"previous-visit store {len(dataset)} x {encoder.embed_dim} {args.store_dtype} "
+              f"({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x d float32 ({upstream / mib:.1f} MiB)",
+              flush=True)
+
+    def save(epoch, iteration):
+        """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
+        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+                 "online": online.state_dict(), "target": target_encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "memory_bank": memory_bank.state_dict(), "store": store.state_dict(),
+                 "previous_bank": previous_bank.state_dict() if previous_bank is not None else None,
+                 "cluster_of_image": cluster_of_image, "rng": common.rng_states()}
+        if iteration == sampler.iters_per_epoch:  # an epoch boundary: store as the start of the next
+            state["epoch"], state["iteration"] = epoch + 1, 0
+        if rank == 0:
+            common.save_checkpoint(state, latest)
+        return latest
+
+    preemption = common.PreemptionHandler()
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        start = time.time()
+        extra = {}
+        if args.constraint == "kmeans" and epoch > 0 and start_iter == 0:  # a resumed epoch keeps its clusters
+            cluster_of_image.copy_(cluster_store(store, args.num_clusters, args.kmeans_iters, args.seed, epoch))
+            extra = {"kmeans_seconds": round(time.time() - start, 1),
+                     "kmeans_clusters_used": int(cluster_of_image[cluster_of_image >= 0].unique().numel())}
+            if rank == 0:
+                print(f"k-means: {extra['kmeans_clusters_used']} non-empty clusters of "
+                      f"{int((cluster_of_image >= 0).sum())} images in {extra['kmeans_seconds']} s", flush=True)
+        stats = train_one_epoch(args, epoch, loader, models, optimizer, scaler, memories, lr_schedule,
+                                start_iter, preemption, save)
+        if stats is None:  # --stop-after-iters reached mid-epoch; checkpoint already written
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters); "
+                      "run the same command again to continue", flush=True)
+            return
+        start_iter = 0
+        save(epoch, sampler.iters_per_epoch)
+        if rank == 0:
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                common.save_checkpoint({"script": SCRIPT, "args": args_for_json(args), "epoch": epoch + 1,
+                                        "online": online.state_dict(), "target": target_encoder.state_dict()},
+                                       os.path.join(args.output_dir, f"checkpoint_{epoch + 1:04d}.pth"))
+            common.save_checkpoint(common.torchvision_state_dict(encoder.backbone, args.arch),
+                                   os.path.join(args.output_dir, "backbone_torchvision.pth"))
+        common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, **extra,
+                                                 "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                                                 "epoch_seconds": round(time.time() - start, 1)})
+        if preemption.poll(device)[0]:
+            preemption.exit(latest)
+        if args.stop_after_iters and args.iters_this_run >= args.stop_after_iters and epoch + 1 < args.epochs:
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters)", flush=True)
+            return
+    if rank == 0:
+        print(f"done: {args.epochs} epochs; weights in {latest} and "
+              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
+
+
+def args_for_json(args):
+    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.endswith("_obj") and k not in ("autocast_dtype", "channels_last", "iters_this_run")}
+
+
+if __name__ == "__main__":
+    common.run_main(main, get_args_parser())
