@@ -1,0 +1,488 @@
+"""CMSF, semi-supervised: mean shift constrained by true labels (labeled subset) and pseudo-labels.
+
+Constrained Mean Shift (Navaneet, Koohpayegani, Tejankar, Pourahmadi, Subramanya & Pirsiavash, ECCV 2022).
+
+MSF (train_msf.py) on all images, with the neighbour search of each target t restricted to bank
+entries carrying t's label. Labeled images use their true label; unlabeled ones the prediction of a
+small pseudo-labeler (MLP on the normalised target embedding, trained twice per epoch on a cache of
+labeled target embeddings) when its softmax confidence is >= --threshold, else no label: such samples
+fall back to unconstrained MSF. loss = mean over the k nearest (same-label) entries of dist(q, z_j).
+
+Rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 10, M = 128K, weak/strong; top-1 of the linear
+head trained on the labeled subset, SPEC §4-5):
+  10 % labels, CMSF (pseudo), fp32    69.9   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt \\
+                                                 --amp none
+  10 % labels, CMSF (pseudo), mixed   70.5   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt
+  10 % labels, CMSF (labels only)     68.6   ... --labeled-list 10percent.txt --amp none --threshold 1.01
+  10 % labels, MSF                    67.4   python train_msf.py --data /imagenet --mem-bank-size 128000 --topk 10
+   1 % labels, CMSF (pseudo)           n/a   python train_cmsf_semi.py --data /imagenet --labeled-list 1percent.txt
+  other data: a seeded per-class fraction, e.g. --dataset cifar10 --data /cifar --labeled-fraction 0.1
+The 1 % / 10 % lists are the standard SimCLR subset files (one file name per line, n01440764_10026.JPEG).
+Mixed precision is the GPU default (bf16). We read "68.6" as CMSF without pseudo-labels (only labeled
+images constrained): a threshold above 1 gives that, as no prediction is ever that confident. The MSF
+row's exact setting is not in SPEC.md; the command above is our closest match.
+Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_semi.py ...  (--batch-size is the global batch).
+"""
+import argparse
+import copy
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "train_cmsf_semi.py"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CMSF-semi", description=__doc__.split("\n")[0], add_help=False)
+    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+    p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
+    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
+    p.add_argument("--labeled-list", default=None,
+                   help="SimCLR-style subset file: one image file name per line (e.g. n01440764_10026.JPEG), "
+                        "matched against the file names of the ImageFolder train set")
+    p.add_argument("--labeled-fraction", type=float, default=None,
+                   help="instead of a list: label this fraction of every class (seeded by --seed, >= 1 per class)")
+    p.add_argument("--threshold", type=float, default=0.85,
+                   help="softmax confidence a pseudo-label needs to constrain an unlabeled image")
+    p.add_argument("--pseudo-epochs", type=int, default=10, help="pseudo-labeler epochs per training round")
+    p.add_argument("--pseudo-lr", type=float, default=0.01, help="pseudo-labeler SGD learning rate")
+    p.add_argument("--pseudo-batch-size", type=int, default=256, help="pseudo-labeler batch size")
+    p.add_argument("--cache-size", type=int, default=0,
+                   help="FIFO cache of labeled target embeddings the pseudo-labeler trains on "
+                        "(0: 4 x the labeled images, at most 128,000)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
+    p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
+    p.add_argument("--topk", type=int, default=10, help="number of nearest neighbours k")
+    p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
+    p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage precision of the memory bank and the labeled cache")
+    p.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the neighbour-search matmul (the loss stays float32)")
+    p.add_argument("--augmentation", default="weak/strong", choices=common.AUGMENTATIONS,
+                   help="target/query augmentations")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="mixed precision (default: bf16 on GPU, none on CPU)")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    p.add_argument("--output-dir", default="./output/cmsf_semi", help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output-dir/checkpoint.pth)")
+    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--checkpoint-minutes", type=float, default=30,
+                   help="also save checkpoint.pth every N minutes within an epoch")
+    p.add_argument("--stop-after-iters", type=int, default=0,
+                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
+                        "for fixed time slots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+# ---------------------------------------------------------------- the constrained loss
+
+def semi_cmsf_loss(query, target, assigned_labels, memory_bank, k, search_dtype=None):
+    """Semi-supervised CMSF loss: mean over the k nearest bank entries z_j of t that carry t's assigned
+    label of dist(q, z_j) = 2 - 2 q.z_j; a sample whose label is unknown (-1) searches the whole bank
+    (plain MSF). Returns (per-sample loss, neighbour slots (B, k), valid (B, k))."""
+    _, neighbour_slots, valid = common.knn_search(target, memory_bank.embeddings, k, query_labels=assigned_labels,
+                                                  key_labels=memory_bank.labels, search_dtype=search_dtype)
+    neighbours = memory_bank.embeddings[neighbour_slots]
+    return common.mean_shift_loss(query, neighbours, valid), neighbour_slots, valid
+
+
+# ---------------------------------------------------------------- pseudo-labels
+
+def build_pseudo_labeler(embed_dim, num_classes, seed):
+    """Linear(d, 2d) - BN - ReLU - Linear(2d, classes), initialised from `seed` alone so that every rank
+    builds the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return common.mlp(embed_dim, 2 * embed_dim, num_classes)
+
+
+@torch.no_grad()
+def assign_labels(pseudo_labeler, target, true_labels, is_labeled, threshold, labeler_ready):
+    """Labels that constrain the search and go into the bank: labeled -> true label; unlabeled -> the
+    pseudo-labeler's prediction if its softmax confidence >= threshold, else -1 (unknown). Before the
+    first labeler round every unlabeled image is unknown. Returns (assigned, predicted); predicted is
+    the argmax for every sample (-1 while the labeler is untrained), for logging."""
+    if labeler_ready:
+        pseudo_labeler.eval()
+        confidence, predicted = pseudo_labeler(target.float()).softmax(dim=1).max(dim=1)
+        pseudo = torch.where(confidence >= threshold, predicted, -1)
+    else:
+        predicted = torch.full_like(true_labels, -1)
+        pseudo = predicted
+    return torch.where(is_labeled, true_labels, pseudo), predicted
+
+
+def train_pseudo_labeler(pseudo_labeler, cache, epochs, lr, batch_size, seed):
+    """One round: cross-entropy on the FILLED cache slots only (index >= 0; never-written slots hold
+    random vectors), `epochs` passes in a seeded order, with a fresh SGD (momentum 0.9, wd 1e-4); the
+    weights carry over between rounds. The BatchNorm statistics are then recomputed on the whole cache.
+    Every rank trains the same data in the same order; rank 0's result is then broadcast so that no
+    GPU non-determinism can make the ranks' labels differ.
+    Returns the mean loss of the last epoch (None if fewer than 2 slots are filled)."""
+    filled = cache.indices >= 0
+    embeddings, labels = cache.embeddings[filled].float(), cache.labels[filled]
+    if labels.numel() < 2:
+        return None
+    optimizer = torch.optim.SGD(pseudo_labeler.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    pseudo_labeler.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(labels.numel(), generator=generator).to(labels.device)
+            batches = [b for b in order.split(batch_size) if b.numel() >= 2]  # BatchNorm needs 2 samples
+            losses = []
+            for batch in batches:
+                loss = F.cross_entropy(pseudo_labeler(embeddings[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+        # Eval-mode BatchNorm needs the statistics of the whole cache, not an EMA over a few batches
+        # (a small cache gives only ~10 updates per round): one exact pass, averaged over equal chunks.
+        batch_norms = [m for m in pseudo_labeler.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        for bn in batch_norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        with torch.no_grad():
+            for chunk in embeddings.tensor_split(-(-labels.numel() // 65536)):
+                pseudo_labeler(chunk)
+        for bn in batch_norms:
+            bn.momentum = 0.1
+    pseudo_labeler.eval()
+    if common.get_world_size() > 1:
+        for tensor in list(pseudo_labeler.parameters()) + list(pseudo_labeler.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    return float(torch.stack(losses).mean())
+
+
+# ---------------------------------------------------------------- the labeled subset
+
+def read_labeled_list(path, dataset):
+    """Mask of the images named in a SimCLR subset file (one file name per line, matched against the
+    base names of the ImageFolder images). Returns (mask, names not found). Missing names are reported
+    by the caller; no match at all is an error."""
+    if not hasattr(dataset, "samples"):
+        raise common.UsageError("--labeled-list needs --dataset imagefolder (it names image files); "
+                                "use --labeled-fraction for other datasets")
+    if not os.path.isfile(path):
+        raise common.UsageError(f"--labeled-list {path} does not exist")
+    with open(path) as f:
+        names = [os.path.basename(line.strip()) for line in f if line.strip()]
+    indices_of = defaultdict(list)
+    for i, (image_path, _) in enumerate(dataset.samples):
+        indices_of[os.path.basename(image_path)].append(i)
+    mask = torch.zeros(len(dataset.samples), dtype=torch.bool)
+    not_found = [name for name in names if name not in indices_of]
+    for name in names:
+        mask[indices_of.get(name, [])] = True
+    if not mask.any():
+        raise common.UsageError(f"none of the {len(names)} names in {path} (e.g. {', '.join(names[:3]) or 'none'}) is "
+                                f"an image file under {dataset.root}; the list must hold file names such as "
+                                "n01440764_10026.JPEG of this train folder")
+    return mask, not_found
+
+
+def select_labeled_fraction(labels, num_classes, fraction, seed):
+    """Mask labeling round(fraction x n_c) images of every class c (at least 1), chosen with `seed`."""
+    if not 0 < fraction <= 1:
+        raise common.UsageError(f"--labeled-fraction {fraction} must be in (0, 1], e.g. 0.1 for 10 %")
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    by_class = torch.argsort(labels, stable=True).split(torch.bincount(labels, minlength=num_classes).tolist())
+    for members in by_class:
+        if members.numel():
+            count = max(1, round(fraction * members.numel()))
+            mask[members[torch.randperm(members.numel(), generator=generator)[:count]]] = True
+    return mask
+
+
+def labeled_subset(args, base, num_classes, true_labels):
+    """Boolean mask (N,) of the labeled images, from --labeled-list or --labeled-fraction."""
+    if (args.labeled_list is None) == (args.labeled_fraction is None):
+        raise common.UsageError("pass exactly one of --labeled-list FILE (SimCLR 1 %/10 % lists) and "
+                                "--labeled-fraction F")
+    if args.labeled_fraction is not None:
+        return select_labeled_fraction(true_labels, num_classes, args.labeled_fraction, args.seed)
+    mask, not_found = read_labeled_list(args.labeled_list, base)
+    if not_found and common.is_main_process():
+        print(f"warning: {len(not_found)} names in {args.labeled_list} are not in the train folder and are "
+              f"skipped (first: {', '.join(not_found[:5])})", flush=True)
+    return mask
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, label_state, lr_schedule,
+                    start_iter, preemption, save):
+    online, target_encoder = models["online"], models["target"]
+    pseudo_labeler, cache = label_state["pseudo_labeler"], label_state["cache"]
+    true_labels, is_labeled = label_state["true_labels"], label_state["is_labeled"]
+    iters = loader.sampler.iters_per_epoch
+    labeler_rounds_at = {max(1, iters // 2), iters}  # mid-epoch and end
+    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
+                                 args.print_freq, start_iter)
+    # unlabeled images seen, with a confident pseudo-label, confident and right, argmax right
+    counts = torch.zeros(4, dtype=torch.long, device=args.device_obj)
+    device, autocast_dtype = args.device_obj, args.autocast_dtype
+    last_save = time.time()
+    for it, (views, labels, indices) in enumerate(loader, start=start_iter):
+        step = epoch * iters + it
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[step])  # a numpy float would not load with weights_only
+        target_view, query_view = (v.to(device, non_blocking=True) for v in views[:2])
+        if args.channels_last:
+            target_view = target_view.to(memory_format=torch.channels_last)
+            query_view = query_view.to(memory_format=torch.channels_last)
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            query = online(query_view)
+        query = F.normalize(query.float(), dim=1)
+
+        with torch.no_grad():
+            common.ema_update_(target_encoder, models["online_encoder"], args.ema)
+            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                target = target_encoder(shuffled)
+            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
+            assigned, predicted = assign_labels(pseudo_labeler, target, labels, is_labeled[indices], args.threshold,
+                                                label_state["rounds"] > 0)
+            # Everything below uses the gathered global batch, so bank and cache are identical on all ranks.
+            all_target, all_labels, all_indices = (common.all_gather(x) for x in (target, labels, indices))
+            all_assigned, all_predicted = common.all_gather(assigned), common.all_gather(predicted)
+            # Enqueue first: t is then its own nearest same-label neighbour (or nearest, if unknown).
+            memory_bank.enqueue(all_target, all_assigned, all_indices)
+            all_is_labeled = is_labeled[all_indices]
+            cache.enqueue(all_target[all_is_labeled], all_labels[all_is_labeled], all_indices[all_is_labeled])
+            unlabeled = ~all_is_labeled
+            confident = unlabeled & (all_assigned >= 0)
+            counts += torch.stack([unlabeled.sum(), confident.sum(), (confident & (all_assigned == all_labels)).sum(),
+                                   (unlabeled & (all_predicted == all_labels)).sum()])
+
+        loss_per_sample, neighbour_slots, valid = semi_cmsf_loss(query, target, assigned, memory_bank, args.topk,
+                                                                 args.search_dtype_obj)
+        loss = loss_per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        neighbour_indices = memory_bank.indices[neighbour_slots]
+        neighbour_true = torch.where(neighbour_indices >= 0, true_labels[neighbour_indices.clamp(min=0)], -1)
+        logger.update(loss=loss, purity=common.purity(neighbour_true, labels, valid),
+                      constrained=(assigned >= 0).float().mean())
+        if it + 1 in labeler_rounds_at:
+            labeler_loss = train_pseudo_labeler(pseudo_labeler, cache, args.pseudo_epochs, args.pseudo_lr,
+                                                args.pseudo_batch_size, seed=args.seed * 1_000_003 + label_state["rounds"])
+            if labeler_loss is not None:  # rounds > 0 means "trained at least once": pseudo-labels are used
+                label_state["last_labeler_loss"] = labeler_loss
+                label_state["rounds"] += 1
+        logger.step(it, lr=lr_schedule[step])
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            check_finite(loss, epoch, it)
+        args.iters_this_run += 1
+        if (it + 1) % 10 == 0 or args.stop_after_iters:
+            stop, save_due = preemption.poll(device, time.time() - last_save > args.checkpoint_minutes * 60)
+            out_of_budget = args.stop_after_iters and args.iters_this_run >= args.stop_after_iters
+            if (stop or save_due or out_of_budget) and it + 1 < iters:  # the epoch end saves anyway
+                check_finite(loss, epoch, it)
+                path = save(epoch, it + 1)
+                last_save = time.time()
+                if stop:
+                    preemption.exit(path)
+                if out_of_budget:
+                    return None
+    seen, covered, covered_right, argmax_right = counts.tolist()
+    return {**logger.averages(),
+            "pseudo_coverage": covered / max(seen, 1),  # unlabeled images given a confident pseudo-label
+            "pseudo_accuracy": covered_right / covered if covered else None,  # of those confident labels
+            "pseudo_argmax_accuracy": argmax_right / max(seen, 1),  # the labeler's plain accuracy
+            "labeler_loss": label_state["last_labeler_loss"], "labeler_rounds": label_state["rounds"]}
+
+
+def check_finite(loss, epoch, it):
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
+                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
+
+
+def main(args):
+    device = common.init_distributed(args.device)
+    world_size, rank = common.get_world_size(), common.get_rank()
+    common.fix_random_seeds(args.seed)
+    if args.batch_size < world_size or args.batch_size % world_size:
+        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
+                                f"number of processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
+    if not 1 <= args.topk <= args.mem_bank_size:
+        raise common.UsageError(f"--topk {args.topk} must be between 1 and --mem-bank-size ({args.mem_bank_size})")
+    if args.mem_bank_size < args.batch_size:
+        raise common.UsageError(f"--mem-bank-size {args.mem_bank_size} must hold at least one global batch "
+                                f"(--batch-size {args.batch_size})")
+    if args.pseudo_epochs < 1 or args.pseudo_batch_size < 2:
+        raise common.UsageError("--pseudo-epochs must be >= 1 and --pseudo-batch-size >= 2 (BatchNorm)")
+    if args.threshold < 0:
+        raise common.UsageError(f"--threshold {args.threshold} must be >= 0 (a softmax confidence; > 1 disables "
+                                "pseudo-labels)")
+    args.device_obj = device
+    args.autocast_dtype = common.amp_dtype(args.amp, device)
+    args.search_dtype_obj = getattr(torch, args.search_dtype)
+    args.channels_last = device.type == "cuda"
+    args.iters_this_run = 0
+
+    # ---- data: all images feed the loss; the loader yields true labels, used only where is_labeled
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
+                                             args.synthetic_images)
+    if len(base) < args.batch_size:
+        raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
+    true_labels = common.dataset_targets(base)
+    is_labeled = labeled_subset(args, base, num_classes, true_labels)
+    cache_size = args.cache_size or min(128_000, 4 * int(is_labeled.sum()))
+    if cache_size < 2:
+        raise common.UsageError(f"--cache-size {args.cache_size} must be at least 2")
+    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size))
+    sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = common.make_train_loader(dataset, sampler, args.workers, device)
+
+    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
+        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
+        encoder = common.build_encoder(args.arch, args.image_size)
+    online = torch.nn.Sequential(encoder, common.build_predictor(encoder)).to(device)
+    target_encoder = copy.deepcopy(encoder).to(device)
+    for p in target_encoder.parameters():
+        p.requires_grad_(False)
+    if args.channels_last:
+        online, target_encoder = online.to(memory_format=torch.channels_last), target_encoder.to(memory_format=torch.channels_last)
+    online_ddp = torch.nn.parallel.DistributedDataParallel(online) if world_size > 1 else online
+    models = {"online": online_ddp, "online_encoder": online[0], "target": target_encoder}
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
+                                    seed=args.seed).to(device)
+    # A MemoryBank is exactly the FIFO the labeled cache needs; index -1 marks never-filled slots.
+    cache = common.MemoryBank(cache_size, encoder.embed_dim, getattr(torch, args.bank_dtype), seed=args.seed).to(device)
+    pseudo_labeler = build_pseudo_labeler(encoder.embed_dim, num_classes, args.seed).to(device)
+    label_state = {"pseudo_labeler": pseudo_labeler, "cache": cache, "rounds": 0, "last_labeler_loss": None,
+                   "true_labels": true_labels.to(device), "is_labeled": is_labeled.to(device)}
+
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
+    lr_schedule = common.cosine_schedule(lr, args.epochs, sampler.iters_per_epoch)
+
+    # ---- resume
+    os.makedirs(args.output_dir, exist_ok=True)
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch, start_iter = 0, 0
+    resume_path = args.resume or (latest if os.path.exists(latest) else None)
+    if resume_path:
+        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
+        if not torch.equal(ckpt["is_labeled"], is_labeled):
+            raise common.UsageError(f"{resume_path} was trained with another labeled subset than "
+                                    "--labeled-list/--labeled-fraction give now; pass the original flags or "
+                                    "use another --output-dir")
+        if ckpt["cache"]["embeddings"].shape[0] != cache_size:
+            raise common.UsageError(f"{resume_path} has a labeled cache of {ckpt['cache']['embeddings'].shape[0]} "
+                                    f"slots, not {cache_size}; pass the original --cache-size")
+        try:
+            online.load_state_dict(ckpt["online"])
+            target_encoder.load_state_dict(ckpt["target"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            memory_bank.load_state_dict(ckpt["memory_bank"])
+            cache.load_state_dict(ckpt["cache"])
+            pseudo_labeler.load_state_dict(ckpt["pseudo_labeler"])
+        except (RuntimeError, ValueError) as e:  # shapes differ: another --image-size stem, --mem-bank-size...
+            raise common.UsageError(f"{resume_path} does not fit this run ({str(e).strip().splitlines()[-1].strip()}); "
+                                    "resume with the --arch, --image-size and --mem-bank-size it was trained with, "
+                                    "or use another --output-dir") from None
+        label_state["rounds"], label_state["last_labeler_loss"] = ckpt["labeler_rounds"], ckpt["last_labeler_loss"]
+        common.set_rng_states(ckpt["rng"])
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        if rank == 0:
+            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
+    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+    if rank == 0:
+        num_labeled = int(is_labeled.sum())
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images ({num_labeled} labeled, {num_labeled / len(dataset):.2%}), "
+              f"{num_classes} classes, {world_size} process(es) on {device}, global batch {args.batch_size}, "
+              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), labeled cache {cache_size}, k={args.topk}, "
+              f"threshold {args.threshold}, {args.augmentation}, amp {args.autocast_dtype}", flush=True)
+
+    def save(epoch, iteration):
+        """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
+        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+                 "online": online.state_dict(), "target": target_encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "memory_bank": memory_bank.state_dict(), "cache": cache.state_dict(),
+                 "pseudo_labeler": pseudo_labeler.state_dict(), "labeler_rounds": label_state["rounds"],
+                 "last_labeler_loss": label_state["last_labeler_loss"], "is_labeled": is_labeled,
+                 "rng": common.rng_states()}
+        if iteration == sampler.iters_per_epoch:  # an epoch boundary: store as the start of the next
+            state["epoch"], state["iteration"] = epoch + 1, 0
+        if rank == 0:
+            common.save_checkpoint(state, latest)
+        return latest
+
+    preemption = common.PreemptionHandler()
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        start = time.time()
+        stats = train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, label_state,
+                                lr_schedule, start_iter, preemption, save)
+        if stats is None:  # --stop-after-iters reached mid-epoch; checkpoint already written
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters); "
+                      "run the same command again to continue", flush=True)
+            return
+        start_iter = 0
+        save(epoch, sampler.iters_per_epoch)
+        if rank == 0:
+            accuracy = stats["pseudo_accuracy"]
+            print(f"epoch {epoch + 1}: pseudo-labels on unlabeled images: coverage {stats['pseudo_coverage']:.2%}, "
+                  f"accuracy {'n/a' if accuracy is None else f'{accuracy:.2%}'} (argmax "
+                  f"{stats['pseudo_argmax_accuracy']:.2%}); purity {stats['purity']:.4f}", flush=True)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                common.save_checkpoint({"script": SCRIPT, "args": args_for_json(args), "epoch": epoch + 1,
+                                        "online": online.state_dict(), "target": target_encoder.state_dict()},
+                                       os.path.join(args.output_dir, f"checkpoint_{epoch + 1:04d}.pth"))
+            common.save_checkpoint(common.torchvision_state_dict(encoder.backbone, args.arch),
+                                   os.path.join(args.output_dir, "backbone_torchvision.pth"))
+        common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                                                 "epoch_seconds": round(time.time() - start, 1)})
+        if preemption.poll(device)[0]:
+            preemption.exit(latest)
+        if args.stop_after_iters and args.iters_this_run >= args.stop_after_iters and epoch + 1 < args.epochs:
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters)", flush=True)
+            return
+    if rank == 0:
+        print(f"done: {args.epochs} epochs; weights in {latest} and "
+              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
+
+
+def args_for_json(args):
+    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.endswith("_obj") and k not in ("autocast_dtype", "channels_last", "iters_this_run")}
+
+
+if __name__ == "__main__":
+    common.run_main(main, get_args_parser())

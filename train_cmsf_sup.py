@@ -1,0 +1,425 @@
+"""CMSF, supervised and noisy-supervised: mean shift constrained to neighbours of the same label.
+
+Constrained Mean Shift (Navaneet, Koohpayegani, Tejankar, Pourahmadi, Subramanya & Pirsiavash, ECCV 2022).
+
+MSF (train_msf.py) with the neighbour search restricted to bank entries that carry the sample's own
+(possibly noisy) training label: loss = mean over the k nearest same-label entries z_j of the target
+t of dist(q, z_j). The search still picks the nearest within the class, so a few wrong labels in the
+class only add a few far-away candidates (robustness to label noise). `--topk 0` ("top-all") pulls q
+towards every same-label entry in the bank.
+
+Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). SPEC.md and the posters give
+no numbers for these rows (the CMSF poster shows a figure only: "relatively robust to label noise"):
+  supervised, k = 10      python train_cmsf_sup.py --data /imagenet
+  supervised, top-all     python train_cmsf_sup.py --data /imagenet --topk 0
+  noisy 5 %               python train_cmsf_sup.py --data /imagenet --label-noise 0.05
+  noisy 10 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.10
+  noisy 25 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.25
+  noisy 50 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.50
+  fixed noisy list        python train_cmsf_sup.py --data /imagenet --noisy-labels noisy_25.txt
+For comparison (MSF poster): MSF w/s (128K) 72.1 / 62.0 / 65.2 linear / 1-NN / 20-NN.
+Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_sup.py ...  (--batch-size is the global batch).
+Purity in the log is measured against the CLEAN labels, so with noise it shows how often the
+same-noisy-label neighbours are truly of the sample's class.
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "train_cmsf_sup.py"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CMSF-sup", description=__doc__.split("\n")[0], add_help=False)
+    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+    p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
+    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="replace exactly round(FRACTION x N) training labels by a uniformly random other "
+                        "class (seeded by --seed)")
+    p.add_argument("--noisy-labels", default=None,
+                   help="file of 'relative/path label' lines (path relative to the train folder; label = "
+                        "class folder name, or class index when it is not a folder name) giving the "
+                        "training label of every image (imagefolder only)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
+    p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
+    p.add_argument("--topk", type=int, default=10,
+                   help="number of same-label nearest neighbours k; 0 = all same-label bank entries (top-all)")
+    p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
+    p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage precision of the memory bank (half halves its memory)")
+    p.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the neighbour-search matmul (the loss stays float32)")
+    p.add_argument("--augmentation", default="weak/strong", choices=common.AUGMENTATIONS,
+                   help="target/query augmentations")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="mixed precision (default: bf16 on GPU, none on CPU)")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    p.add_argument("--output-dir", default="./output/cmsf_sup", help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output-dir/checkpoint.pth)")
+    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--checkpoint-minutes", type=float, default=30,
+                   help="also save checkpoint.pth every N minutes within an epoch")
+    p.add_argument("--stop-after-iters", type=int, default=0,
+                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
+                        "for fixed time slots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+# ---------------------------------------------------------------- the constrained loss
+
+def constrained_topk_loss(query, target, labels, memory_bank, k, search_dtype=None):
+    """Supervised CMSF loss (paper eq. 1 with C = same label): mean over the k nearest bank entries z_j
+    of t among those with the sample's label, of dist(q, z_j) = 2 - 2 q.z_j. A class with fewer than k
+    entries in the bank averages over the ones it has (never filled with other classes).
+    Returns (per-sample loss, neighbour slots (B, k), valid (B, k))."""
+    _, neighbour_slots, valid = common.knn_search(target, memory_bank.embeddings, k, query_labels=labels,
+                                                  key_labels=memory_bank.labels, search_dtype=search_dtype)
+    neighbours = memory_bank.embeddings[neighbour_slots]
+    return common.mean_shift_loss(query, neighbours, valid), neighbour_slots, valid
+
+
+def top_all_loss(query, labels, memory_bank, num_classes):
+    """Top-all: mean over ALL bank entries z_j of the sample's class of 2 - 2 q.z_j, which is exactly
+    2 - 2 q.mean_j(z_j); the per-class means come from one index_add over the bank instead of a B x M
+    matrix. Returns (per-sample loss, number of same-class entries per sample)."""
+    filled = memory_bank.labels >= 0
+    bank_labels = memory_bank.labels[filled]
+    class_sums = torch.zeros(num_classes, memory_bank.embeddings.shape[1], device=query.device)
+    class_sums.index_add_(0, bank_labels, memory_bank.embeddings[filled].float())
+    class_counts = torch.bincount(bank_labels, minlength=num_classes)
+    counts = class_counts[labels]
+    class_means = class_sums[labels] / counts.clamp(min=1).unsqueeze(1)
+    loss = 2 - 2 * (query.float() * class_means).sum(dim=1)
+    return loss * (counts > 0), counts  # no entry of the class: no pull, as in mean_shift_loss
+
+
+@torch.no_grad()
+def clean_labels_of_slots(memory_bank, slots, clean_labels):
+    """Clean label of the images held in bank `slots` (-1 for slots never written)."""
+    indices = memory_bank.indices[slots]
+    return torch.where(indices >= 0, clean_labels[indices.clamp(min=0)], -1)
+
+
+@torch.no_grad()
+def top_all_purity(labels, clean, memory_bank, clean_labels, num_classes):
+    """Purity of top-all: over all same-(training)-label bank entries of every sample, the fraction whose
+    clean label equals the sample's clean label. Counts (training label, clean label) pairs in the bank
+    once; no B x M matrix."""
+    filled = memory_bank.labels >= 0
+    bank_pairs = memory_bank.labels[filled] * num_classes + clean_labels_of_slots(
+        memory_bank, filled.nonzero().squeeze(1), clean_labels)
+    pairs, pair_counts = torch.unique(bank_pairs, return_counts=True)
+    query_pairs = labels * num_classes + clean
+    position = torch.searchsorted(pairs, query_pairs).clamp(max=pairs.numel() - 1)
+    same = torch.where(pairs[position] == query_pairs, pair_counts[position], 0)
+    total = torch.bincount(memory_bank.labels[filled], minlength=num_classes)[labels]
+    return same.sum().float() / total.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- training labels (clean or noisy)
+
+def make_noisy_labels(clean_labels, num_classes, fraction, seed):
+    """Exactly round(fraction x N) labels, chosen at random, each replaced by a uniformly random OTHER
+    class (offset 1..C-1 modulo C). Reproducible: depends only on (labels, fraction, seed)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise common.UsageError(f"--label-noise {fraction} must be a fraction in [0, 1], e.g. 0.25 for 25 %")
+    if fraction > 0 and num_classes < 2:
+        raise common.UsageError("--label-noise needs at least 2 classes")
+    generator = torch.Generator().manual_seed(seed)
+    num_noisy = round(fraction * len(clean_labels))
+    chosen = torch.randperm(len(clean_labels), generator=generator)[:num_noisy]
+    offsets = torch.randint(1, max(num_classes, 2), (num_noisy,), generator=generator)
+    noisy = clean_labels.clone()
+    noisy[chosen] = (clean_labels[chosen] + offsets) % num_classes
+    return noisy
+
+
+def read_noisy_label_file(path, dataset):
+    """Training labels from a file of 'relative/path label' lines, one per training image of an
+    ImageFolder (path relative to its train/ folder). Unknown paths, images without a line, duplicates
+    and unknown labels are errors that name the first few offenders."""
+    if not hasattr(dataset, "samples"):
+        raise common.UsageError("--noisy-labels needs --dataset imagefolder (it names images by path); "
+                                "use --label-noise for other datasets")
+    if not os.path.isfile(path):
+        raise common.UsageError(f"--noisy-labels {path} does not exist")
+    index_of = {os.path.relpath(p, dataset.root).replace(os.sep, "/"): i for i, (p, _) in enumerate(dataset.samples)}
+    num_classes = len(dataset.classes)
+    labels = torch.full((len(dataset.samples),), -1, dtype=torch.long)
+    unknown, duplicates = [], []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2:
+                raise common.UsageError(f"{path} line {line_number}: expected 'relative/path label', got {line.strip()!r}")
+            rel_path, token = parts[0].replace("\\", "/").removeprefix("./"), parts[1]
+            if token in dataset.class_to_idx:
+                label = dataset.class_to_idx[token]
+            elif token.lstrip("-").isdigit() and 0 <= int(token) < num_classes:
+                label = int(token)
+            else:
+                raise common.UsageError(f"{path} line {line_number}: label {token!r} is neither a class folder "
+                                        f"name nor a class index in 0..{num_classes - 1}")
+            if rel_path not in index_of:
+                unknown.append(rel_path)
+            elif labels[index_of[rel_path]] >= 0:
+                duplicates.append(rel_path)
+            else:
+                labels[index_of[rel_path]] = label
+    missing = [p for p, i in index_of.items() if labels[i] < 0]
+    for problem, names in (("are not images of the train folder", unknown),
+                           ("appear more than once", duplicates)):
+        if names:
+            raise common.UsageError(f"{len(names)} paths in {path} {problem} (first: {', '.join(names[:3])}); "
+                                    f"paths must be relative to {dataset.root}, e.g. n01440764/n01440764_10026.JPEG")
+    if missing:
+        raise common.UsageError(f"{len(missing)} of {len(index_of)} training images have no line in {path} "
+                                f"(first: {', '.join(missing[:3])}); the file must label every image")
+    return labels
+
+
+def training_labels(args, base, num_classes):
+    """(clean labels, training labels) by dataset index; the training labels are what the bank stores."""
+    clean_labels = common.dataset_targets(base)
+    if args.noisy_labels and args.label_noise:
+        raise common.UsageError("--noisy-labels and --label-noise are exclusive; pass one of them")
+    if args.noisy_labels:
+        return clean_labels, read_noisy_label_file(args.noisy_labels, base)
+    return clean_labels, make_noisy_labels(clean_labels, num_classes, args.label_noise, args.seed)
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, clean_labels, lr_schedule,
+                    start_iter, preemption, save):
+    online, target_encoder = models["online"], models["target"]
+    iters = loader.sampler.iters_per_epoch
+    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
+                                 args.print_freq, start_iter)
+    device, autocast_dtype = args.device_obj, args.autocast_dtype
+    last_save = time.time()
+    for it, (views, labels, indices) in enumerate(loader, start=start_iter):
+        step = epoch * iters + it
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[step])  # a numpy float would not load with weights_only
+        target_view, query_view = (v.to(device, non_blocking=True) for v in views[:2])
+        if args.channels_last:
+            target_view = target_view.to(memory_format=torch.channels_last)
+            query_view = query_view.to(memory_format=torch.channels_last)
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            query = online(query_view)
+        query = F.normalize(query.float(), dim=1)
+
+        with torch.no_grad():
+            common.ema_update_(target_encoder, models["online_encoder"], args.ema)
+            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                target = target_encoder(shuffled)
+            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
+            # Enqueue first (with the TRAINING labels): t is then its own nearest same-label neighbour.
+            memory_bank.enqueue(common.all_gather(target), common.all_gather(labels), common.all_gather(indices))
+
+        clean = clean_labels[indices]
+        if args.topk == 0:
+            loss_per_sample, counts = top_all_loss(query, labels, memory_bank, args.num_classes)
+            purity = top_all_purity(labels, clean, memory_bank, clean_labels, args.num_classes)
+        else:
+            loss_per_sample, neighbour_slots, valid = constrained_topk_loss(
+                query, target, labels, memory_bank, args.topk, args.search_dtype_obj)
+            counts = valid.sum(dim=1)
+            purity = common.purity(clean_labels_of_slots(memory_bank, neighbour_slots, clean_labels), clean, valid)
+        loss = loss_per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        logger.update(loss=loss, purity=purity, neighbours=counts.float().mean())
+        logger.step(it, lr=lr_schedule[step])
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            check_finite(loss, epoch, it)
+        args.iters_this_run += 1
+        if (it + 1) % 10 == 0 or args.stop_after_iters:
+            stop, save_due = preemption.poll(device, time.time() - last_save > args.checkpoint_minutes * 60)
+            out_of_budget = args.stop_after_iters and args.iters_this_run >= args.stop_after_iters
+            if (stop or save_due or out_of_budget) and it + 1 < iters:  # the epoch end saves anyway
+                check_finite(loss, epoch, it)
+                path = save(epoch, it + 1)
+                last_save = time.time()
+                if stop:
+                    preemption.exit(path)
+                if out_of_budget:
+                    return None
+    return logger.averages()
+
+
+def check_finite(loss, epoch, it):
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
+                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
+
+
+def main(args):
+    device = common.init_distributed(args.device)
+    world_size, rank = common.get_world_size(), common.get_rank()
+    common.fix_random_seeds(args.seed)
+    if args.batch_size < world_size or args.batch_size % world_size:
+        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
+                                f"number of processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
+    if not 0 <= args.topk <= args.mem_bank_size:
+        raise common.UsageError(f"--topk {args.topk} must be between 0 (top-all) and --mem-bank-size ({args.mem_bank_size})")
+    if args.mem_bank_size < args.batch_size:
+        raise common.UsageError(f"--mem-bank-size {args.mem_bank_size} must hold at least one global batch "
+                                f"(--batch-size {args.batch_size})")
+    args.device_obj = device
+    args.autocast_dtype = common.amp_dtype(args.amp, device)
+    args.search_dtype_obj = getattr(torch, args.search_dtype)
+    args.channels_last = device.type == "cuda"
+    args.iters_this_run = 0
+
+    # ---- data: the loader yields the TRAINING (possibly noisy) labels; clean ones are kept for purity
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
+                                             args.synthetic_images)
+    if len(base) < args.batch_size:
+        raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
+    args.num_classes = num_classes
+    clean_labels, train_labels = training_labels(args, base, num_classes)
+    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size),
+                                    labels=train_labels)
+    sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = common.make_train_loader(dataset, sampler, args.workers, device)
+    clean_labels_device = clean_labels.to(device)
+
+    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
+        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
+        encoder = common.build_encoder(args.arch, args.image_size)
+    online = torch.nn.Sequential(encoder, common.build_predictor(encoder)).to(device)
+    target_encoder = copy.deepcopy(encoder).to(device)
+    for p in target_encoder.parameters():
+        p.requires_grad_(False)
+    if args.channels_last:
+        online, target_encoder = online.to(memory_format=torch.channels_last), target_encoder.to(memory_format=torch.channels_last)
+    online_ddp = torch.nn.parallel.DistributedDataParallel(online) if world_size > 1 else online
+    models = {"online": online_ddp, "online_encoder": online[0], "target": target_encoder}
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
+                                    seed=args.seed).to(device)
+
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
+    lr_schedule = common.cosine_schedule(lr, args.epochs, sampler.iters_per_epoch)
+
+    # ---- resume
+    os.makedirs(args.output_dir, exist_ok=True)
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch, start_iter = 0, 0
+    resume_path = args.resume or (latest if os.path.exists(latest) else None)
+    if resume_path:
+        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
+        if not torch.equal(ckpt["train_labels"], train_labels):
+            raise common.UsageError(f"{resume_path} was trained with other labels than --label-noise/--noisy-labels "
+                                    "give now; pass the original flags or use another --output-dir")
+        try:
+            online.load_state_dict(ckpt["online"])
+            target_encoder.load_state_dict(ckpt["target"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            memory_bank.load_state_dict(ckpt["memory_bank"])
+        except (RuntimeError, ValueError) as e:  # shapes differ: another --image-size stem, --mem-bank-size...
+            raise common.UsageError(f"{resume_path} does not fit this run ({str(e).strip().splitlines()[-1].strip()}); "
+                                    "resume with the --arch, --image-size and --mem-bank-size it was trained with, "
+                                    "or use another --output-dir") from None
+        common.set_rng_states(ckpt["rng"])
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        if rank == 0:
+            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
+    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+    if rank == 0:
+        num_noisy = int((train_labels != clean_labels).sum())
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {num_classes} classes, {world_size} process(es) on "
+              f"{device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
+              f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), k={args.topk or 'all same-label'}, "
+              f"{args.augmentation}, amp {args.autocast_dtype}", flush=True)
+        print(f"noisy training labels: {num_noisy} of {len(train_labels)} ({num_noisy / len(train_labels):.2%})"
+              + (f" from {args.noisy_labels}" if args.noisy_labels else f", --label-noise {args.label_noise}"),
+              flush=True)
+
+    def save(epoch, iteration):
+        """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
+        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+                 "online": online.state_dict(), "target": target_encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "memory_bank": memory_bank.state_dict(), "train_labels": train_labels,
+                 "rng": common.rng_states()}
+        if iteration == sampler.iters_per_epoch:  # an epoch boundary: store as the start of the next
+            state["epoch"], state["iteration"] = epoch + 1, 0
+        if rank == 0:
+            common.save_checkpoint(state, latest)
+        return latest
+
+    preemption = common.PreemptionHandler()
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        start = time.time()
+        stats = train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, clean_labels_device,
+                                lr_schedule, start_iter, preemption, save)
+        if stats is None:  # --stop-after-iters reached mid-epoch; checkpoint already written
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters); "
+                      "run the same command again to continue", flush=True)
+            return
+        start_iter = 0
+        save(epoch, sampler.iters_per_epoch)
+        if rank == 0:
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                common.save_checkpoint({"script": SCRIPT, "args": args_for_json(args), "epoch": epoch + 1,
+                                        "online": online.state_dict(), "target": target_encoder.state_dict()},
+                                       os.path.join(args.output_dir, f"checkpoint_{epoch + 1:04d}.pth"))
+            common.save_checkpoint(common.torchvision_state_dict(encoder.backbone, args.arch),
+                                   os.path.join(args.output_dir, "backbone_torchvision.pth"))
+        common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                                                 "epoch_seconds": round(time.time() - start, 1)})
+        if preemption.poll(device)[0]:
+            preemption.exit(latest)
+        if args.stop_after_iters and args.iters_this_run >= args.stop_after_iters and epoch + 1 < args.epochs:
+            if rank == 0:
+                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters)", flush=True)
+            return
+    if rank == 0:
+        print(f"done: {args.epochs} epochs; weights in {latest} and "
+              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
+
+
+def args_for_json(args):
+    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.endswith("_obj") and k not in ("autocast_dtype", "channels_last", "iters_this_run")}
+
+
+if __name__ == "__main__":
+    common.run_main(main, get_args_parser())
