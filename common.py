@@ -114,7 +114,8 @@ def torchvision_state_dict(backbone, arch):
     """The backbone as a plain torchvision ResNet state dict (fc = zeros: it is untrained), so that
     `torchvision.models.<arch>()` loads it with strict=True (small-stem models need the same stem)."""
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    reference = build_backbone(arch, 224)[0] if arch == "resnet10" else torchvision.models.get_model(arch)
+    reference = (torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])  # keeps its fc
+                 if arch == "resnet10" else torchvision.models.get_model(arch))
     fc = getattr(reference, "fc", None)
     if isinstance(fc, nn.Linear):
         state["fc.weight"] = torch.zeros_like(fc.weight)

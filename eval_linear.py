@@ -1,0 +1,346 @@
+"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol, SPEC §5).
+
+The backbone is frozen and in eval mode (BatchNorm uses its running statistics). The head is
+  L2-normalise -> fixed standardisation -> Linear,
+where the standardisation uses the per-dimension mean and variance of the normalised TRAIN features,
+computed once with the val transform: z = (x / |x| - mean) / sqrt(var + 1e-5). SGD lr 0.01 (not
+scaled with the batch), momentum 0.9, wd 1e-4, batch 256, 40 epochs, lr x 0.1 at epochs 15 and 30.
+Train images: RandomResizedCrop + horizontal flip; val: Resize(256) + CenterCrop(224) (scaled for other
+--image-size). Top-1 / top-5 on val after every epoch; final and best reported. The backbone is frozen,
+so val features are extracted once and every epoch scores the head on them (what a per-epoch val pass
+would compute). After training, the backbone's weights are compared with the loaded ones (MoCo's
+sanity check).
+
+--train-list FILE trains on a subset (the 1 % / 10 % ImageNet files of SimCLR: one image file name per
+line, e.g. n01440764_10026.JPEG); names not found in the train folder are reported.
+--cached-features is a faster approximation: the head trains on center-crop features extracted once
+(no augmentation), minutes instead of hours.
+
+Paper rows (ResNet-50, ImageNet, linear top-1), weights from train_msf.py / train_cmsf_self.py:
+  random init 5.1          python eval_linear.py --data /imagenet --arch resnet50 --output-dir runs/random/linear
+  every trained row        torchrun --nproc_per_node 8 eval_linear.py --data /imagenet --arch resnet50 \\
+                               --weights runs/msf/checkpoint.pth --output-dir runs/msf/linear
+  (BYOL-asym 69.3, MSF s/s 71.4, MSF w/s 1M 72.4, 256K 72.2, w/w 66.3, CMSF self 2Q 73.0, multi-crop 74.4)
+  1 % / 10 % (MSF w/s 55.5 / 66.5): add --train-list 1percent.txt (or 10percent.txt) and a separate
+                               --output-dir
+Laptop: python eval_linear.py --dataset synthetic --arch resnet18 --image-size 32 --epochs 10 \\
+            --batch-size 64 --weights runs/msf/checkpoint.pth --cached-features
+The head resumes from <output-dir>/checkpoint.pth (written atomically every epoch and on SIGUSR2/TERM).
+"""
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+import common
+
+SCRIPT = "eval_linear.py"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Linear evaluation", description=__doc__.split("\n")[0], add_help=False)
+    p.add_argument("--weights", default=None, help="checkpoint of our training scripts, torchvision ResNet "
+                   "state dict, or released MSF/CMSF checkpoint (absent: random init)")
+    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/ and val/, or torchvision root)")
+    p.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+    p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
+    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet of the weights")
+    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--train-list", default=None, help="train on the images named in this file (1 %% / 10 %% "
+                   "subsets, SimCLR format: one file name per line); needs --dataset imagefolder")
+    p.add_argument("--cached-features", action="store_true", help="faster approximation: train the head on "
+                   "center-crop features extracted once instead of augmented images")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (not scaled with the batch size)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the linear layer")
+    p.add_argument("--lr-drops", type=int, nargs="*", default=[15, 30], help="epochs where lr is multiplied by 0.1")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="mixed precision of the backbone forward (default: bf16 on GPU, none on CPU); the head is float32")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
+    p.add_argument("--output-dir", default="./output/linear", help="checkpoint.pth, log.jsonl, linear_results.json")
+    p.add_argument("--resume", default=None, help="head checkpoint (default: output-dir/checkpoint.pth if present)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+# ---------------------------------------------------------------- the head
+
+class LinearHead(nn.Module):
+    """L2-normalise -> fixed standardisation (buffers, never trained) -> Linear."""
+
+    def __init__(self, feat_dim, num_classes):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(feat_dim))
+        self.register_buffer("inv_std", torch.ones(feat_dim))
+        self.linear = nn.Linear(feat_dim, num_classes)
+
+    @torch.no_grad()
+    def set_standardisation(self, train_features, eps=1e-5):
+        """Per-dimension mean and (unbiased) variance of the L2-normalised train features, accumulated
+        in float64 over row chunks (1.28M x 2048 never needs a float64 copy)."""
+        total = torch.zeros(train_features.shape[1], dtype=torch.float64, device=train_features.device)
+        total_sq = torch.zeros_like(total)
+        for chunk in train_features.split(65536):
+            normalized = F.normalize(chunk.float(), dim=1).double()
+            total += normalized.sum(0)
+            total_sq += normalized.square().sum(0)
+        n = train_features.shape[0]
+        mean = total / n
+        var = (total_sq - n * mean.square()) / max(n - 1, 1)
+        self.mean.copy_(mean.float())
+        self.inv_std.copy_(var.clamp(min=0).add(eps).rsqrt().float())
+
+    def forward(self, features):
+        return self.linear((F.normalize(features.float(), dim=1) - self.mean) * self.inv_std)
+
+
+def lr_at_epoch(base_lr, epoch, drops):
+    """Step schedule: x 0.1 at each epoch listed in `drops` (0-based epochs, as MultiStepLR)."""
+    return base_lr * 0.1 ** sum(epoch >= d for d in drops)
+
+
+@torch.no_grad()
+def topk_accuracy(logits, labels, ks=(1, 5)):
+    """Percent of rows whose label is among the k highest logits, for each k (capped at #classes)."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = ranked == labels.unsqueeze(1)
+    return [100 * hits[:, :k].any(dim=1).float().mean().item() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(head, val_features, val_labels, chunk_size=8192):
+    logits = torch.cat([head(chunk) for chunk in val_features.split(chunk_size)])
+    return topk_accuracy(logits, val_labels)
+
+
+def check_backbone_unchanged(backbone, reference_state):
+    """MoCo's sanity check, strict: every tensor of the backbone (BatchNorm statistics included) must
+    equal the state loaded before training. Raises RuntimeError naming the changed tensors."""
+    current = backbone.state_dict()
+    changed = [k for k, v in reference_state.items() if not torch.equal(current[k].detach().cpu(), v)]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during linear evaluation ({len(changed)} tensors, "
+                           f"e.g. {', '.join(changed[:4])}); the probe is invalid")
+
+
+# ---------------------------------------------------------------- data
+
+def train_subset_indices(dataset, train_list):
+    """Indices of the images of an ImageFolder train set named in `train_list` (SimCLR's format: one
+    file name per line, matched on the base name). Returns (indices, names not found)."""
+    if not os.path.isfile(train_list):
+        raise common.UsageError(f"--train-list {train_list} does not exist")
+    if not hasattr(dataset, "samples"):
+        raise common.UsageError("--train-list names image files; it needs --dataset imagefolder")
+    with open(train_list) as f:
+        names = [line.strip() for line in f if line.strip()]
+    by_name = defaultdict(list)
+    for index, (path, _) in enumerate(dataset.samples):
+        by_name[os.path.basename(path)].append(index)
+    indices, unmatched = [], []
+    for name in names:
+        found = by_name.get(os.path.basename(name))
+        if found:
+            indices.extend(found)
+        else:
+            unmatched.append(name)
+    if not indices:
+        raise common.UsageError(f"none of the {len(names)} names in {train_list} (e.g. {names[:2]}) is an image "
+                                f"of the train folder (e.g. {os.path.basename(dataset.samples[0][0])})")
+    return sorted(set(indices)), unmatched
+
+
+def train_augmentation(image_size):
+    return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_epoch(args, epoch, batches, iters, start_iter, features_of, head, optimizer, lr, preemption, save):
+    """One epoch over `batches` of (inputs, labels): images (augmented mode) or cached features."""
+    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
+                                 args.print_freq, start_iter)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = args.device_obj
+    for it, (inputs, labels) in enumerate(batches, start=start_iter):
+        features = features_of(inputs.to(device, non_blocking=True))
+        loss = F.cross_entropy(head(features), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        logger.update(loss=loss)
+        logger.step(it, lr=lr)
+        if (it + 1) % 10 == 0 and it + 1 < iters and preemption.poll(device)[0]:
+            preemption.exit(save(epoch, it + 1))
+    return logger.averages()
+
+
+def main(args):
+    device = common.init_distributed(args.device)
+    world_size, rank = common.get_world_size(), common.get_rank()
+    if args.batch_size < world_size or args.batch_size % world_size:
+        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
+                                f"number of processes ({world_size})")
+    if args.weights and not os.path.isfile(args.weights):
+        raise common.UsageError(f"--weights {args.weights} does not exist; pass a checkpoint file or omit it "
+                                "for a random-init baseline")
+    args.device_obj = device
+    args.autocast_dtype = common.amp_dtype(args.amp, device)
+    common.fix_random_seeds(args.seed)
+    torch.manual_seed(args.seed)  # the same random init (no --weights) on every rank
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # ---- frozen backbone
+    backbone, feat_dim = common.build_backbone(args.arch, args.image_size)
+    source = common.load_backbone_weights(backbone, args.weights) if args.weights else \
+        f"random init (seed {args.seed}): no --weights given"
+    reference_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    log(f"{SCRIPT}: {args.arch} {args.image_size}px; {source}", flush=True)
+
+    # ---- data
+    train_base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
+                                                   args.image_size, args.synthetic_images)
+    val_base, _ = common.build_dataset(args.dataset, args.data, "val", args.download, args.image_size,
+                                       args.synthetic_images)
+    unmatched = []
+    if args.train_list:
+        indices, unmatched = train_subset_indices(train_base, args.train_list)
+        log(f"--train-list {args.train_list}: {len(indices) + len(unmatched)} names, {len(indices)} images "
+            f"matched, {len(unmatched)} not found in the train folder"
+            + (f" (e.g. {', '.join(unmatched[:3])})" if unmatched else ""), flush=True)
+        train_base = torch.utils.data.Subset(train_base, indices)
+    if len(train_base) < args.batch_size:
+        raise common.UsageError(f"{len(train_base)} training images, fewer than --batch-size {args.batch_size}")
+    center_crop = common.eval_transform(args.image_size)
+    sampler = common.ResumableSampler(len(train_base), args.batch_size, seed=args.seed)
+    iters = sampler.iters_per_epoch
+
+    # ---- head, optimizer, resume
+    head = LinearHead(feat_dim, num_classes).to(device)
+    head_ddp = nn.parallel.DistributedDataParallel(head) if world_size > 1 else head
+    optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    os.makedirs(args.output_dir, exist_ok=True)
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    resume_path = args.resume or (latest if os.path.exists(latest) else None)
+    start_epoch, start_iter, best = 0, 0, {"top1": 0.0, "epoch": 0}
+    if resume_path:
+        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
+        for name in ("weights", "train_list", "cached_features", "image_size"):
+            if ckpt["args"][name] != getattr(args, name):
+                raise common.UsageError(f"{resume_path} was trained with --{name.replace('_', '-')} "
+                                        f"{ckpt['args'][name]}, not {getattr(args, name)}; use another --output-dir")
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, start_iter, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
+        log(f"resumed the head from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
+    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+
+    # ---- features extracted once: standardisation statistics (and the cached-features training set), val
+    train_features = train_labels = None
+    if args.cached_features or not resume_path:
+        train_features, train_labels = common.extract_features(
+            backbone, common.IndexedDataset(train_base, center_crop), args.batch_size, args.workers, device,
+            args.autocast_dtype, args.print_freq, header="train features (center crop)")
+        if not resume_path:
+            head.set_standardisation(train_features)
+    val_features, val_labels = common.extract_features(
+        backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
+        args.autocast_dtype, args.print_freq, header="val features")
+
+    if args.cached_features:
+        def epoch_batches(epoch, start_iter):
+            sampler.set_epoch(epoch, start_iter)
+            for batch_indices in sampler.epoch_indices()[start_iter:, rank]:
+                batch_indices = batch_indices.to(device)
+                yield train_features[batch_indices], train_labels[batch_indices]
+
+        def features_of(features):
+            return features
+    else:
+        train_features = train_labels = None  # only needed for the statistics
+        dataset = common.IndexedDataset(train_base, train_augmentation(args.image_size))
+        loader = common.make_train_loader(dataset, sampler, args.workers, device)
+
+        def epoch_batches(epoch, start_iter):
+            sampler.set_epoch(epoch, start_iter)
+            return ((images, labels) for images, labels, _ in loader)
+
+        @torch.no_grad()
+        def features_of(images):
+            with torch.autocast(device.type, dtype=args.autocast_dtype or torch.float32,
+                                enabled=args.autocast_dtype is not None):
+                return backbone(images).float()
+
+    log(f"{'cached center-crop features' if args.cached_features else 'augmented images'}: "
+        f"{len(train_base)} train, {len(val_base)} val images, {num_classes} classes, {world_size} process(es) "
+        f"on {device}, global batch {args.batch_size}, {iters} it/epoch", flush=True)
+
+    def save(epoch, iteration):
+        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+                 "head": head.state_dict(), "optimizer": optimizer.state_dict(), "best": best}
+        if iteration == iters:
+            state["epoch"], state["iteration"] = epoch + 1, 0
+        if rank == 0:
+            common.save_checkpoint(state, latest)
+        return latest
+
+    preemption = common.PreemptionHandler()
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        lr = lr_at_epoch(args.lr, epoch, args.lr_drops)
+        stats = train_one_epoch(args, epoch, epoch_batches(epoch, start_iter), iters, start_iter, features_of,
+                                head_ddp, optimizer, lr, preemption, save)
+        start_iter = 0
+        top1, top5 = evaluate(head, val_features, val_labels)
+        if top1 > best["top1"] or best["epoch"] == 0:
+            best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
+        save(epoch, iters)
+        log(f"Epoch [{epoch + 1}/{args.epochs}] val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 "
+            f"{best['top1']:.2f} at epoch {best['epoch']})", flush=True)
+        common.append_json_log(args.output_dir, {"epoch": epoch + 1, "lr": lr, "train_loss": stats["loss"],
+                                                 "val_top1": top1, "val_top5": top5, "best_top1": best["top1"],
+                                                 "epoch_seconds": round(time.time() - start, 1)})
+        if preemption.poll(device)[0]:
+            preemption.exit(latest)
+
+    check_backbone_unchanged(backbone, reference_state)
+    top1, top5 = evaluate(head, val_features, val_labels)
+    results = {"weights": args.weights or "random init", "source": source, "arch": args.arch,
+               "dataset": args.dataset, "image_size": args.image_size,
+               "mode": "cached center-crop features" if args.cached_features else "augmented images",
+               "train_list": args.train_list, "train_images": len(train_base), "unmatched_names": len(unmatched),
+               "epochs": args.epochs, "final_top1": top1, "final_top5": top5, "best": best,
+               "backbone_unchanged": True}
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "linear_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        label = "random init" if not args.weights else args.weights
+        print(f"\nlinear evaluation on {args.dataset} ({results['mode']}), {label}; backbone unchanged (checked):\n"
+              f"| | top-1 | top-5 |\n|---|---|---|\n| final (epoch {args.epochs}) | {top1:.2f} | {top5:.2f} |\n"
+              f"| best (epoch {best['epoch']}) | {best['top1']:.2f} | {best.get('top5', 0):.2f} |", flush=True)
+
+
+def args_for_json(args):
+    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
+    return {k: v for k, v in vars(args).items() if k not in ("device_obj", "autocast_dtype")}
+
+
+if __name__ == "__main__":
+    common.run_main(main, get_args_parser())
