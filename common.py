@@ -163,41 +163,103 @@ class MemoryBank(nn.Module):
         return slots
 
 
-def knn_search(queries, keys, k, chunk_size=65536, query_labels=None, key_labels=None,
+@functools.lru_cache(maxsize=None)
+def _bf16_matmul_is_fast(device_type):
+    """Whether a bfloat16 matmul runs several times faster than a float32 one: tensor cores (CUDA,
+    Ampere and later) or AVX512-BF16 through oneDNN (CPU). Elsewhere bf16 is emulated and slower."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def _chunked_topk(queries, keys, k, chunk_size, query_labels, key_labels, dtype):
+    """Top-k of the scores queries @ keys.T computed in `dtype`, one (B, chunk) block at a time: each
+    block's top-k is kept and one last top-k merges them. Returns (scores in `dtype`, key indices)."""
+    q = queries.to(dtype)  # .to() returns the tensor itself when the dtype already matches: no copy
+    free_rows = None if query_labels is None else (query_labels < 0).unsqueeze(1)
+    block_sims, block_idx = [], []
+    for start in range(0, keys.shape[0], chunk_size):
+        chunk = keys[start:start + chunk_size]
+        sims = q @ chunk.to(dtype).T
+        if query_labels is not None:
+            allowed = query_labels.unsqueeze(1) == key_labels[start:start + chunk_size].unsqueeze(0)
+            sims.masked_fill_(allowed.logical_or_(free_rows).logical_not_(), -math.inf)
+        sims, idx = sims.topk(min(k, chunk.shape[0]), dim=1)
+        block_sims.append(sims)
+        block_idx.append(idx.add_(start))
+    sims, idx = torch.cat(block_sims, dim=1), torch.cat(block_idx, dim=1)
+    if len(block_sims) > 1:
+        sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
+        idx = idx.gather(1, order)
+    return sims, idx
+
+
+def _exact_scores(queries, keys, idx):
+    """float32 q_i . keys[idx[i, j]] as an elementwise product and sum (no matmul, so no TF32), in row
+    blocks of at most 2^22 gathered elements."""
+    q = queries.float()
+    rows = max(1, (1 << 22) // max(1, idx.shape[1] * keys.shape[1]))
+    return torch.cat([(keys[idx[s:s + rows]].float() * q[s:s + rows].unsqueeze(1)).sum(dim=2)
+                      for s in range(0, q.shape[0], rows)])
+
+
+def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key_labels):
+    """The float32 top-k at bfloat16 matmul speed. bf16 scores pick max(4k, 32) candidates per query,
+    which are rescored in float32. A bf16 score is within err = (4u + d 2^-23) |q| max|key| of the
+    float32 one (u = 2^-8: inputs and output rounded to bf16; float32 accumulation), and every key left
+    out has a bf16 score <= the last candidate's, so a true score <= last + err: when that is below the
+    k-th float32 score, the top k are certainly among the candidates. Other rows are searched again in
+    float32 (a few percent of rows on random or trained embeddings)."""
+    dim = keys.shape[1]
+    if queries.is_cuda:  # the bound assumes float32 accumulation inside the bf16 matmul
+        reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        candidate_sims, candidates = _chunked_topk(queries, keys, max(4 * k, 32), chunk_size, query_labels,
+                                                   key_labels, torch.bfloat16)
+    finally:
+        if queries.is_cuda:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+    sims = _exact_scores(queries, keys, candidates).masked_fill_(torch.isneginf(candidate_sims), -math.inf)
+    sims, order = sims.topk(k, dim=1)
+    idx = candidates.gather(1, order)
+    key_norm = torch.stack([torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32).max()
+                            for chunk in keys.split(chunk_size)]).max()
+    err = (4 * 2.0 ** -8 + dim * 2.0 ** -23) * torch.linalg.vector_norm(queries.float(), dim=1) * key_norm
+    last = candidate_sims[:, -1].float()
+    unsure = (torch.isfinite(last) & (last + err >= sims[:, -1])).nonzero().squeeze(1)
+    if unsure.numel():
+        unsure_labels = None if query_labels is None else query_labels[unsure]
+        sims[unsure], idx[unsure] = _chunked_topk(queries[unsure], keys, k, chunk_size, unsure_labels,
+                                                  key_labels, torch.float32)
+    return sims, idx
+
+
+def knn_search(queries, keys, k, chunk_size=None, query_labels=None, key_labels=None,
                search_dtype=None):
     """Top-k keys by largest dot product for each query (smallest 2 - 2 q.k for unit vectors).
 
-    The keys are scanned in chunks so the score matrix never exceeds B x chunk_size; each chunk's
-    top-k is merged into the running top-k. With labels, query i may only pick keys whose label
-    equals query_labels[i] (a query label < 0 means unconstrained). Returns (sims, idx, valid), each
-    (B, k); slots without an allowed key have sims = -inf, idx = 0 and valid = False.
-    `search_dtype` (e.g. torch.bfloat16 on GPU) only sets the precision of the score matmul."""
-    num_queries, num_keys = queries.shape[0], keys.shape[0]
-    dtype = search_dtype or torch.float32
-    q = queries.to(dtype)
-    best_sims = torch.full((num_queries, 0), -math.inf, device=queries.device)
-    best_idx = torch.zeros((num_queries, 0), dtype=torch.long, device=queries.device)
-    constrained = query_labels is not None
-    if constrained:
-        free_rows = (query_labels < 0).unsqueeze(1)
-    for start in range(0, num_keys, chunk_size):
-        chunk = keys[start:start + chunk_size]
-        sims = (q @ chunk.to(dtype).T).float()
-        if constrained:
-            allowed = (query_labels.unsqueeze(1) == key_labels[start:start + chunk_size].unsqueeze(0))
-            sims.masked_fill_(~(allowed | free_rows), -math.inf)
-        chunk_k = min(k, chunk.shape[0])
-        sims, idx = sims.topk(chunk_k, dim=1)
-        if best_sims.shape[1] == 0:
-            best_sims, best_idx = sims, idx + start
-        else:
-            merged_sims = torch.cat([best_sims, sims], dim=1)
-            merged_idx = torch.cat([best_idx, idx + start], dim=1)
-            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
-            best_idx = merged_idx.gather(1, order)
-    valid = torch.isfinite(best_sims)
-    best_idx = best_idx.masked_fill(~valid, 0)
-    return best_sims, best_idx, valid
+    The keys are scanned in chunks so the score matrix never exceeds B x chunk_size (default: B x chunk
+    <= 2^22 elements on CPU, where bigger blocks are mmapped and page-faulted afresh each chunk; 2^26 on
+    GPU, to amortise kernel launches). With labels, query i may only pick keys whose label equals
+    query_labels[i] (a query label < 0 means unconstrained). Returns (sims, idx, valid), each (B, k)
+    float32 / long / bool, sorted by similarity; slots without an allowed key have sims = -inf, idx = 0
+    and valid = False. `search_dtype` None or float32: the exact float32 top-k (where bf16 matmuls are
+    fast, through a bf16 prefilter whose result is certified, see _exact_search_bf16_prefilter);
+    bfloat16 / float16: the scores themselves in that precision (approximate, near-ties may swap)."""
+    budget = 1 << 26 if queries.is_cuda else 1 << 22
+    chunk_size = chunk_size or max(1024, budget // max(1, queries.shape[0]))
+    if (search_dtype in (None, torch.float32) and queries.shape[0] > 0 and keys.shape[0] > max(4 * k, 32)
+            and _bf16_matmul_is_fast(queries.device.type)):
+        sims, idx = _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key_labels)
+    else:
+        sims, idx = _chunked_topk(queries, keys, k, chunk_size, query_labels, key_labels,
+                                  search_dtype or torch.float32)
+        sims = sims.float()
+    valid = torch.isfinite(sims)
+    return sims, idx.masked_fill_(~valid, 0), valid
 
 
 def mean_shift_loss(query, neighbours, valid=None):
@@ -625,6 +687,9 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        for name in os.listdir(folder):  # temp files left by writers that were killed mid-write
+            if name.startswith(".tmp_" + os.path.basename(path)):
+                os.remove(os.path.join(folder, name))
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

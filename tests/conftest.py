@@ -83,6 +83,16 @@ def tiny_msf_args(output_dir, *extra, epochs=2):
             "--print-freq", "1", "--epochs", str(epochs), "--output-dir", str(output_dir), *map(str, extra)]
 
 
+@pytest.fixture(scope="session")
+def tiny_msf_run(tmp_path_factory):
+    """One finished tiny train_msf.py run (tiny_msf_args, 2 epochs x 4 iterations), shared by the tests
+    that need a reference run or a good checkpoint: (output dir, CompletedProcess). Copy, never modify."""
+    output_dir = tmp_path_factory.mktemp("tiny_msf_run") / "out"
+    result = run_script("train_msf.py", *tiny_msf_args(output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, result
+
+
 def assert_usage_error(result, *fragments):
     """A script failed the way bad input should: exit code 2 and one line `error: ...` on stderr
     (containing each fragment, case-insensitive), no traceback."""
