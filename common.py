@@ -742,7 +742,9 @@ class PreemptionHandler:
     The handler only sets a flag; `should_stop()` (called every few iterations) agrees on it across
     ranks. After the training script has saved its checkpoint, `exit()` hands over to the handler that
     was installed before ours: under submitit that one requeues the job (rank 0) and the requeued job
-    resumes from the checkpoint. Without submitit, the process exits with code 3 and a message."""
+    resumes from the checkpoint. Without submitit, the process exits with code 3 and a message. Install
+    it before the first DataLoader iterator: forked workers inherit it (else a worker would run
+    submitit's requeue itself). Under submitit, TERM is left to submitit, which ignores it on purpose."""
 
     def __init__(self):
         self.signal_received = None
@@ -770,8 +772,7 @@ class PreemptionHandler:
         if self.under_submitit:
             if is_main_process():
                 self.previous_usr2(signal.SIGUSR2, None)  # submitit: resubmit, requeue, exit
-            time.sleep(600)  # other ranks: wait for SLURM to stop the job for the requeue
-            sys.exit(0)
+            sys.exit(0)  # other ranks: rank 0 has saved; the requeued job restarts every task
         if is_main_process():
             print(f"stopped by a signal after saving {checkpoint_path}; run the same command again to "
                   "resume", flush=True)
