@@ -57,7 +57,7 @@ def get_args_parser():
     p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
     p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the memory bank (half halves its memory)")
-    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--store-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the previous-visit store and of M' (half halves their memory)")
     p.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the neighbour-search matmul (the loss stays float32)")

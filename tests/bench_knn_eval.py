@@ -4,13 +4,14 @@ Run directly (not collected by pytest):
   python tests/bench_knn_eval.py                                   # GPU: 1,281,167 x 2048, float16
   python tests/bench_knn_eval.py --train 131072 --queries 2048     # a CPU-sized run
 Random unit vectors stand in for features (the search cost does not depend on their values). Prints
-queries/s (val features classified per second, 1-NN and 20-NN with both votes) and peak memory: CUDA
-max_memory_allocated, or the growth of the process's peak RSS on CPU. The train features are the
-only large buffer; the score block is at most query_chunk x train_chunk.
+queries/s (val features classified per second, 1-NN and 20-NN with both votes), the bytes of the
+train features (the only large buffer) and the peak memory of the search on top of them: CUDA
+max_memory_allocated, or on CPU the growth of the resident set (VmHWM after clear_refs, taken after
+the features were built and the heap trimmed). The score block is at most query_chunk x train_chunk.
 """
 import argparse
+import ctypes
 import os
-import resource
 import sys
 import time
 
@@ -19,6 +20,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval_knn  # noqa: E402
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """Trim the heap, reset the kernel's peak-RSS mark (Linux >= 4.0), return the current RSS (bytes)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _proc_status_bytes("VmRSS")
 
 
 def main():
@@ -39,7 +56,6 @@ def main():
     dtype = getattr(torch, args.dtype or ("float16" if gpu else "float32"))
     query_chunk = args.query_chunk or (4096 if gpu else 512)
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     train = torch.empty(n_train, args.dim, dtype=dtype, device=device)
     for start in range(0, n_train, 65536):  # fill in slices: no float32 copy of the whole table
         block = torch.randn(min(65536, n_train - start), args.dim, device=device)
@@ -49,6 +65,9 @@ def main():
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
     eval_knn.knn_predict(train, train_labels, queries[:query_chunk], [1, 20], 1000,
                          train_chunk_size=args.train_chunk, query_chunk_size=query_chunk)  # warm-up
     if gpu:
@@ -60,15 +79,17 @@ def main():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     if gpu:
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         where = torch.cuda.get_device_name()
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
+        peak = (_proc_status_bytes("VmHWM") - base) / 2**30
         where = f"CPU ({torch.get_num_threads()} threads)"
     print(f"{where}: train {n_train} x {args.dim} {str(dtype).split('.')[-1]}, {n_query} queries, "
           f"chunks {query_chunk} x {args.train_chunk}")
-    print("| train features | queries | seconds | queries/s | peak memory GiB |\n|---|---|---|---|---|")
-    print(f"| {n_train} x {args.dim} | {n_query} | {seconds:.1f} | {n_query / seconds:.0f} | {peak:.2f} |")
+    print("| train features | features GiB | queries | seconds | queries/s | search peak GiB (beyond features) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {n_train} x {args.dim} | {train.nbytes / 2**30:.2f} | {n_query} | {seconds:.1f} | "
+          f"{n_query / seconds:.0f} | {peak:.3f} |")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ Run directly (not collected by pytest):
   python tests/bench_train_step.py --arch resnet18 --image-size 64 --batch 32 --steps 3   # a CPU-sized run
 Synthetic tensors already on the device, so the numbers are the model + head, not the loader.
 
-  ours:     bf16 autocast (GPU), channels_last (GPU), fused foreach EMA, memory bank without clone, chunked
-            top-k on t only, loss on the k gathered rows.
-  upstream: fp32, contiguous NCHW, a Python loop for the EMA, bank cloned every step, full B x M fp32
-            distance matrices for t and q.
+  ours:     bf16 autocast (GPU), channels_last (GPU), fused foreach EMA, memory bank without clone, exact
+            top-k on t only (common.knn_search), loss on the k gathered rows, purity.
+  upstream: fp32, contiguous NCHW, a Python loop for the EMA, bank and label bank cloned every step, full
+            B x M fp32 `2 - 2 * einsum` distance matrices for t and q, purity from the cloned labels.
 The loader row: images/s of the weak + strong ImageNet augmentation pipeline (decode + 2 views) for
 one worker process, on generated JPEGs of ImageNet's typical size (500 x 375).
 """
@@ -38,7 +38,7 @@ def build(arch, image_size, device, bank_size):
     return online, target, bank, optimizer
 
 
-def our_step(online, target, bank, optimizer, x_t, x_q, k, amp_dtype):
+def our_step(online, target, bank, optimizer, x_t, x_q, labels, k, amp_dtype):
     with torch.autocast(x_q.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         q = online(x_q)
     q = F.normalize(q.float(), dim=1)
@@ -47,29 +47,34 @@ def our_step(online, target, bank, optimizer, x_t, x_q, k, amp_dtype):
         with torch.autocast(x_q.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             t = target(x_t)
         t = F.normalize(t.float(), dim=1)
-        bank.enqueue(t)
+        bank.enqueue(t, labels)
         _, slots, _ = common.knn_search(t, bank.embeddings, k)
+        purity = common.purity(bank.labels[slots], labels)
     loss = common.mean_shift_loss(q, bank.embeddings[slots]).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return purity
 
 
-def upstream_step(online, target, bank, optimizer, x_t, x_q, k):
+def upstream_step(online, target, bank, optimizer, x_t, x_q, labels, k):
     q = F.normalize(online(x_q), dim=1)
     with torch.no_grad():
         for p_t, p_q in zip(target.parameters(), online[0].parameters()):
             p_t.data = p_t.data * 0.99 + p_q.data * 0.01
         t = F.normalize(target(x_t), dim=1)
-        targets = bank.embeddings.clone().detach()
+        bank.enqueue(t, labels)  # upstream enqueues before the search too
+        targets, labels_queue = bank.embeddings.clone().detach(), bank.labels.clone().detach()
         dist_t = 2 - 2 * torch.einsum("bc,kc->bk", t, targets)
         _, nn_index = dist_t.topk(k, dim=1, largest=False)
     dist_q = 2 - 2 * torch.einsum("bc,kc->bk", q, targets)
     loss = torch.gather(dist_q, 1, nn_index).mean()
+    nn_labels = torch.gather(labels_queue.unsqueeze(0).expand(t.shape[0], -1), 1, nn_index)
+    purity = (nn_labels == labels.unsqueeze(1)).float().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    bank.enqueue(t)
+    return purity
 
 
 def time_steps(step, steps, sync):
@@ -118,13 +123,14 @@ def main():
     g = torch.Generator().manual_seed(0)
     x_t = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     x_q = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    labels = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}: {args.arch}, {args.image_size} px, batch {args.batch}, M={args.bank_size}, k={args.topk}, "
           f"mean of {args.steps} steps")
     rows = []
 
     online, target, bank, optimizer = build(args.arch, args.image_size, device, args.bank_size)
-    seconds = time_steps(lambda: upstream_step(online, target, bank, optimizer, x_t, x_q, args.topk), args.steps, sync)
+    seconds = time_steps(lambda: upstream_step(online, target, bank, optimizer, x_t, x_q, labels, args.topk), args.steps, sync)
     rows.append(("upstream-style (fp32, NCHW, clone, B x M for t and q)", seconds))
     del online, target, bank, optimizer
 
@@ -134,7 +140,7 @@ def main():
     if device.type == "cuda":
         online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
         xt, xq = x_t.to(memory_format=torch.channels_last), x_q.to(memory_format=torch.channels_last)
-    seconds = time_steps(lambda: our_step(online, target, bank, optimizer, xt, xq, args.topk, amp), args.steps, sync)
+    seconds = time_steps(lambda: our_step(online, target, bank, optimizer, xt, xq, labels, args.topk, amp), args.steps, sync)
     rows.append((f"ours ({'bf16, channels_last' if amp else 'fp32'}, fused EMA, no clone, gathered k rows)", seconds))
 
     print(f"| step | ms/step | images/s | vs upstream |\n|---|---|---|---|")
