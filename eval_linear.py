@@ -250,7 +250,7 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, start_iter, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
         log(f"resumed the head from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
-    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+    common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
 
     # ---- features extracted once: standardisation statistics (and the cached-features training set), val
     train_features = train_labels = None
@@ -293,7 +293,7 @@ def main(args):
         f"on {device}, global batch {args.batch_size}, {iters} it/epoch", flush=True)
 
     def save(epoch, iteration):
-        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+        state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch, "iteration": iteration,
                  "head": head.state_dict(), "optimizer": optimizer.state_dict(), "best": best}
         if iteration == iters:
             state["epoch"], state["iteration"] = epoch + 1, 0
@@ -335,11 +335,6 @@ def main(args):
         print(f"\nlinear evaluation on {args.dataset} ({results['mode']}), {label}; backbone unchanged (checked):\n"
               f"| | top-1 | top-5 |\n|---|---|---|\n| final (epoch {args.epochs}) | {top1:.2f} | {top5:.2f} |\n"
               f"| best (epoch {best['epoch']}) | {best['top1']:.2f} | {best.get('top5', 0):.2f} |", flush=True)
-
-
-def args_for_json(args):
-    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
-    return {k: v for k, v in vars(args).items() if k not in ("device_obj", "autocast_dtype")}
 
 
 if __name__ == "__main__":

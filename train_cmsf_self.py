@@ -452,7 +452,7 @@ def main(args):
         start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
         if rank == 0:
             print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
-    common.save_args(args_for_json(args), args.output_dir, SCRIPT)
+    common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
     if rank == 0:
         mib = 2 ** 20
         upstream = 2 * len(dataset) * encoder.embed_dim * 4
@@ -469,7 +469,7 @@ def main(args):
 
     def save(epoch, iteration):
         """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
-        state = {"script": SCRIPT, "args": args_for_json(args), "epoch": epoch, "iteration": iteration,
+        state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch, "iteration": iteration,
                  "online": online.state_dict(), "target": target_encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "memory_bank": memory_bank.state_dict(), "store": store.state_dict(),
@@ -503,12 +503,8 @@ def main(args):
         start_iter = 0
         save(epoch, sampler.iters_per_epoch)
         if rank == 0:
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                common.save_checkpoint({"script": SCRIPT, "args": args_for_json(args), "epoch": epoch + 1,
-                                        "online": online.state_dict(), "target": target_encoder.state_dict()},
-                                       os.path.join(args.output_dir, f"checkpoint_{epoch + 1:04d}.pth"))
-            common.save_checkpoint(common.torchvision_state_dict(encoder.backbone, args.arch),
-                                   os.path.join(args.output_dir, "backbone_torchvision.pth"))
+            common.save_epoch_weights(args.output_dir, SCRIPT, common.plain_args(args), epoch + 1, args.save_every,
+                                      online, target_encoder, encoder.backbone, args.arch)
         common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, **extra,
                                                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
                                                  "epoch_seconds": round(time.time() - start, 1)})
@@ -521,12 +517,6 @@ def main(args):
     if rank == 0:
         print(f"done: {args.epochs} epochs; weights in {latest} and "
               f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
-
-
-def args_for_json(args):
-    """The user's arguments (plain types only: they go into checkpoints loaded with weights_only)."""
-    return {k: v for k, v in vars(args).items()
-            if not k.endswith("_obj") and k not in ("autocast_dtype", "channels_last", "iters_this_run")}
 
 
 if __name__ == "__main__":
