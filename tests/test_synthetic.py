@@ -43,14 +43,41 @@ def test_labels_balanced_and_targets_match_items():
     assert [dataset[i][1] for i in range(len(dataset))] == dataset.targets
 
 
-def test_colour_is_not_a_class_shortcut():
-    # mean colour of images of one class varies as much as across classes: fg and bg are random
-    dataset = SyntheticShapes("train", num_images=400, num_classes=2)
-    means = np.array([pixels(dataset, i).reshape(-1, 3).mean(0) for i in range(400)])
-    labels = np.array(dataset.targets)
-    assert means[labels == 0].std(0).min() > 40 and means[labels == 1].std(0).min() > 40
-    # 200 samples a class: standard error of the difference ~6 grey levels; 25 is ~4 of them
-    assert np.abs(means[labels == 0].mean(0) - means[labels == 1].mean(0)).max() < 25
+def box_mean3(image):
+    """3x3 box average (edge-padded): cuts the pixel noise std by 3 so the shape can be thresholded."""
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    return sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9
+
+
+def test_colour_and_brightness_carry_no_image_identity():
+    # light shape on a dark background, both near grey with the same levels in every image: two
+    # crops of one image cannot be matched by colour (the failure mode of random per-image colours)
+    dataset = SyntheticShapes("train", num_images=400, image_size=32)
+    backgrounds, foregrounds = [], []
+    for index in range(400):
+        if dataset.classes[dataset.targets[index]] not in ("circle", "square", "hexagon", "half_disk"):
+            continue  # thin shapes are mostly edge pixels after the box average: their level is blurred
+        image = pixels(dataset, index).astype(np.float64)
+        channel_means = image.reshape(-1, 3).mean(0)
+        assert channel_means.max() - channel_means.min() < 15  # near grey: tint <= 0.02 (5 levels)
+        smooth = box_mean3(image).mean(2)
+        backgrounds.append(np.median(smooth[smooth < 128]))
+        foregrounds.append(np.median(smooth[smooth >= 128]))
+    backgrounds, foregrounds = np.array(backgrounds), np.array(foregrounds)
+    assert backgrounds.max() < 95 and foregrounds.min() > 165  # 0.22-0.28 and 0.75-0.85 of 255
+    assert backgrounds.std() < 10 and foregrounds.std() < 12  # vs ~74 for uniform random levels
+
+
+def test_shape_is_large_and_near_the_centre():
+    # crops of 20-100 % of the area must still show most of the shape: a filled circle covers
+    # pi (0.85 s)^2 / 4 = 0.14-0.36 of the image for scale s in 0.5-0.8, centred within 0.3
+    dataset = SyntheticShapes("train", num_images=400, image_size=32)
+    y, x = np.meshgrid((np.arange(32) + 0.5) / 16 - 1, (np.arange(32) + 0.5) / 16 - 1, indexing="ij")
+    for index in range(0, 400, 10):  # class 0 = circle
+        shape = box_mean3(pixels(dataset, index)).mean(2) > 150
+        assert 0.1 < shape.mean() < 0.42
+        assert np.hypot(x[shape].mean(), y[shape].mean()) < 0.5
 
 
 def test_bad_arguments_raise_usage_error():
