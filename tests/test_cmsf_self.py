@@ -336,7 +336,8 @@ def test_script_two_processes_resumes_exactly(tmp_path):
     assert 0 <= log[1]["purity_constrained"] <= 1 and 0 <= log[1]["purity_unconstrained"] <= 1
     assert log[1]["constrained_rank"] >= 2.0  # constrained neighbours lie further down the plain ordering
     store = checkpoint["store"]["embeddings"]
-    assert torch.allclose(store.norm(dim=1), torch.ones(64), atol=1e-5)  # all 64 images visited
+    assert store.dtype == torch.float16  # the default store precision: half of upstream's memory and less
+    assert torch.allclose(store.float().norm(dim=1), torch.ones(64), atol=2e-3)  # all 64 images visited
     assert torch.all(checkpoint["previous_bank"]["labels"] == 0)  # after epoch 2 every slot has a previous visit
 
 
