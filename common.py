@@ -871,6 +871,11 @@ def save_args(args, output_dir, script):
             json.dump(record, f, indent=2)
 
 
+def amp_name(dtype):
+    """How a script's start-up line names its autocast dtype: bfloat16, float16 or off."""
+    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def amp_dtype(amp, device):
     """--amp: bf16 (default on GPU), fp16 (with a GradScaler) or none (default on CPU)."""
     amp = amp or ("bf16" if device.type == "cuda" else "none")

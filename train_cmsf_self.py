@@ -462,7 +462,7 @@ def main(args):
               f"global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
               f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / mib:.1f} MiB), "
               f"constraint {args.constraint}, k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
-              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp {args.autocast_dtype}\n"
+              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp {common.amp_name(args.autocast_dtype)}\n"
               f"previous-visit store {len(dataset)} x {encoder.embed_dim} {args.store_dtype} "
               f"({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x d float32 ({upstream / mib:.1f} MiB)",
               flush=True)

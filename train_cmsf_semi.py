@@ -424,7 +424,7 @@ def main(args):
               f"{num_classes} classes, {world_size} process(es) on {device}, global batch {args.batch_size}, "
               f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
               f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), labeled cache {cache_size}, k={args.topk}, "
-              f"threshold {args.threshold}, {args.augmentation}, amp {args.autocast_dtype}", flush=True)
+              f"threshold {args.threshold}, {args.augmentation}, amp {common.amp_name(args.autocast_dtype)}", flush=True)
 
     def save(epoch, iteration):
         """Full state for exact resume (called on all ranks: the RNG states are gathered)."""

@@ -364,7 +364,7 @@ def main(args):
               f"{device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
               f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
               f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), k={args.topk or 'all same-label'}, "
-              f"{args.augmentation}, amp {args.autocast_dtype}", flush=True)
+              f"{args.augmentation}, amp {common.amp_name(args.autocast_dtype)}", flush=True)
         print(f"noisy training labels: {num_noisy} of {len(train_labels)} ({num_noisy / len(train_labels):.2%})"
               + (f" from {args.noisy_labels}" if args.noisy_labels else f", --label-noise {args.label_noise}"),
               flush=True)

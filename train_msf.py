@@ -209,7 +209,7 @@ def main(args):
         print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {world_size} process(es) on {device}, "
               f"global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
               f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), "
-              f"k={args.topk}, {args.augmentation}, amp {args.autocast_dtype}", flush=True)
+              f"k={args.topk}, {args.augmentation}, amp {common.amp_name(args.autocast_dtype)}", flush=True)
 
     def save(epoch, iteration):
         """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
