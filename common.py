@@ -777,6 +777,34 @@ class PreemptionHandler:
         sys.exit(3)
 
 
+def check_finite(loss, epoch, it):
+    """Stop before anything is saved once the loss is NaN/inf (a failed run never overwrites a good
+    checkpoint). Reads the loss from the GPU: call it at print steps and before saving, not every step."""
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
+                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
+
+
+def checkpoint_mid_epoch(args, preemption, save, loss, epoch, it, iters_per_epoch, last_save):
+    """After iteration `it` of a training loop: every 10 iterations (every one with --stop-after-iters)
+    the ranks agree whether SLURM's signal came (save, then requeue/exit), a --checkpoint-minutes save
+    is due, or this run's --stop-after-iters budget is spent (save, then leave the epoch). `save(epoch,
+    next_iteration)` is the script's full-state checkpoint; the epoch's last iteration is left to the
+    end-of-epoch save. Returns (time of the last save, whether to leave the epoch now)."""
+    args.iters_this_run += 1
+    if (it + 1) % 10 and not args.stop_after_iters:
+        return last_save, False
+    stop, save_due = preemption.poll(args.device_obj, time.time() - last_save > args.checkpoint_minutes * 60)
+    out_of_budget = bool(args.stop_after_iters) and args.iters_this_run >= args.stop_after_iters
+    if not (stop or save_due or out_of_budget) or it + 1 == iters_per_epoch:
+        return last_save, False
+    check_finite(loss, epoch, it)
+    path = save(epoch, it + 1)
+    if stop:
+        preemption.exit(path)
+    return time.time(), out_of_budget
+
+
 # ---------------------------------------------------------------- schedules, seeding, logging
 
 def cosine_schedule(base_value, epochs, iters_per_epoch, final_value=0.0, per_epoch=True):

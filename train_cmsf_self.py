@@ -332,27 +332,12 @@ def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memories, lr
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             logger.update(constrained_rank=rank_in_unconstrained_order(
                 target, memory_bank.embeddings, found["constrained"], found["constrained_valid"]))
-            check_finite(loss, epoch, it)
+            common.check_finite(loss, epoch, it)
         logger.step(it, lr=lr_schedule[step])
-        args.iters_this_run += 1
-        if (it + 1) % 10 == 0 or args.stop_after_iters:
-            stop, save_due = preemption.poll(device, time.time() - last_save > args.checkpoint_minutes * 60)
-            out_of_budget = args.stop_after_iters and args.iters_this_run >= args.stop_after_iters
-            if (stop or save_due or out_of_budget) and it + 1 < iters:  # the epoch end saves anyway
-                check_finite(loss, epoch, it)
-                path = save(epoch, it + 1)
-                last_save = time.time()
-                if stop:
-                    preemption.exit(path)
-                if out_of_budget:
-                    return None
+        last_save, leave_epoch = common.checkpoint_mid_epoch(args, preemption, save, loss, epoch, it, iters, last_save)
+        if leave_epoch:  # --stop-after-iters reached: checkpoint written
+            return None
     return logger.averages()
-
-
-def check_finite(loss, epoch, it):
-    if not torch.isfinite(loss).item():
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
-                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
 
 
 def check_args(args, world_size, num_images):
