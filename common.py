@@ -671,27 +671,39 @@ def eval_transform(image_size):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """Write atomically: to a temp file in the same folder, fsync, then rename over `path`. A process
-    killed while writing leaves the previous checkpoint intact."""
+def atomic_write(path, write):
+    """Write a file atomically: `write(f)` fills a temp file (binary) in the same folder, which is
+    fsynced and renamed over `path`. A process killed while writing leaves the previous file intact;
+    temp files of earlier killed writers are removed. Used for checkpoints, JSON results and caches."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    prefix = ".tmp_" + os.path.basename(path)
+    fd, tmp_path = tempfile.mkstemp(prefix=prefix, dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it 0600: keep the usual permissions of a new file
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         for name in os.listdir(folder):  # temp files left by writers that were killed mid-write
-            if name.startswith(".tmp_" + os.path.basename(path)):
+            if name.startswith(prefix):
                 os.remove(os.path.join(folder, name))
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def save_checkpoint(state, path):
+    """torch.save `state` to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_json(path, record):
+    """Write `record` as indented JSON to `path` atomically."""
+    atomic_write(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 def load_checkpoint(path, script=None, arch=None):
