@@ -4,6 +4,7 @@ Sections: errors and entry point | networks and EMA | memory bank, nearest neigh
 distributed | data | checkpoints | schedules, seeding and logging | evaluation helpers.
 Every script imports this one file; copy it together with a script to fork a method.
 """
+import copy
 import datetime
 import functools
 import json
@@ -50,8 +51,9 @@ def run_main(main, parser):
         # the user only needs the last line.
         message = str(e).strip().splitlines()[-1]
         message = message.split("UsageError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if is_main_process() or not (dist.is_available() and dist.is_initialized()):
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 2))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -102,6 +104,11 @@ def build_predictor(encoder):
 
 
 @torch.no_grad()
+def unwrap(module):
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 def ema_update_(target, online, momentum):
     """theta_target <- m theta_target + (1 - m) theta_online, parameters only (the target's BatchNorm
     keeps its own running statistics). One fused foreach kernel instead of a Python loop."""
@@ -612,6 +619,13 @@ class ResumableSampler(torch.utils.data.Sampler):
         return (self.iters_per_epoch - self.start_iter) * self.local_batch_size
 
 
+def prepare_views(views, device, channels_last):
+    """The views of a batch as the loader yields them -> float tensors on `device` (channels_last on
+    GPU), copied without blocking the host."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return [v.to(device, non_blocking=True).to(memory_format=memory_format) for v in views]
+
+
 def make_train_loader(dataset, sampler, workers, device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=sampler.local_batch_size, sampler=sampler, num_workers=workers,
@@ -671,7 +685,7 @@ def eval_transform(image_size):
 
 # ---------------------------------------------------------------- checkpoints
 
-def atomic_write(path, write):
+def atomic_write(path, write, before_rename=None):
     """Write a file atomically: `write(f)` fills a temp file (binary) in the same folder, which is
     fsynced and renamed over `path`. A process killed while writing leaves the previous file intact;
     temp files of earlier killed writers are removed. Used for checkpoints, JSON results and caches."""
@@ -686,6 +700,8 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp_path, path)
         for name in os.listdir(folder):  # temp files left by writers that were killed mid-write
             if name.startswith(prefix):
@@ -696,9 +712,14 @@ def atomic_write(path, write):
         raise
 
 
-def save_checkpoint(state, path):
-    """torch.save `state` to `path` atomically (see atomic_write)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+def save_checkpoint(state, path, keep_previous=None):
+    """torch.save `state` to `path` atomically (see atomic_write). With `keep_previous`, the file
+    that was at `path` is first renamed to that name: a kill between the two renames leaves the
+    previous checkpoint, which resume falls back to."""
+    rotate = None
+    if keep_previous and os.path.exists(path):
+        rotate = lambda: os.replace(path, keep_previous)  # noqa: E731 (runs after the write)
+    atomic_write(path, lambda f: torch.save(state, f), before_rename=rotate)
 
 
 def write_json(path, record):
@@ -706,23 +727,34 @@ def write_json(path, record):
     atomic_write(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path, script=None, arch=None):
-    """Load a checkpoint written by save_checkpoint and check it belongs to this script and arch."""
+def load_checkpoint(path, script=None, arch=None, for_resume=False):
+    """Load a checkpoint written by save_checkpoint and check it belongs to this script and arch
+    (and, `for_resume`, that it is a full checkpoint, not a weights-only epoch file)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist; check --resume")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__}); the file is damaged or "
-                         "not a checkpoint of this suite") from None
+        previous = os.path.join(folder, "checkpoint_previous.pth")
+        hint = (f"resume from the one before it with --resume {previous}" if os.path.exists(previous)
+                and os.path.abspath(path) != previous else "start afresh in another --output-dir")
+        raise UsageError(f"cannot load checkpoint {path} ({type(e).__name__}): the file is damaged "
+                         f"(e.g. truncated) or not a checkpoint of this suite; {hint}") from None
     if not isinstance(checkpoint, dict) or "script" not in checkpoint:
-        raise UsageError(f"{path} is not a training checkpoint of this suite (no 'script' entry)")
+        raise UsageError(f"{path} is not a training checkpoint of this suite (no 'script' entry); "
+                         "pass a checkpoint.pth written by one of the training scripts")
     if script is not None and checkpoint["script"] != script:
         raise UsageError(f"{path} was written by {checkpoint['script']}, not {script}; resume it with "
                          f"{checkpoint['script']} or use another --output-dir")
     if arch is not None and checkpoint["args"]["arch"] != arch:
         raise UsageError(f"{path} holds a {checkpoint['args']['arch']} model but --arch is {arch}; "
                          f"pass --arch {checkpoint['args']['arch']} or use another --output-dir")
+    if for_resume and "rng" not in checkpoint:
+        raise UsageError(f"{path} is a weights-only epoch file (no optimizer, memory bank or RNG "
+                         "state), so a run cannot continue from it exactly; resume from "
+                         f"{os.path.join(folder, 'checkpoint.pth')} (or checkpoint_previous.pth), "
+                         "or evaluate it with eval_knn.py / eval_linear.py --weights")
     return checkpoint
 
 
@@ -789,32 +821,339 @@ class PreemptionHandler:
         sys.exit(3)
 
 
+class RunFailed(UsageError):
+    """The run itself failed (e.g. the loss diverged): one `error:` line, exit code 1."""
+    exit_code = 1
+
+
 def check_finite(loss, epoch, it):
-    """Stop before anything is saved once the loss is NaN/inf (a failed run never overwrites a good
-    checkpoint). Reads the loss from the GPU: call it at print steps and before saving, not every step."""
-    if not torch.isfinite(loss).item():
-        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; the last "
-                                 "good checkpoint is kept. Lower --lr or use --amp bf16/none.")
+    """Stop before anything is saved once the loss is NaN/inf on ANY rank (a failed run never
+    overwrites a good checkpoint). All ranks take part, so they all stop at the same step with the
+    same message. It reads the loss from the GPU: call it at print steps and before saving only."""
+    bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    if get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise RunFailed(f"the loss is not finite (NaN or inf) at epoch {epoch + 1} iteration {it + 1}; "
+                        "the last good checkpoint is kept. Lower --lr, or use --amp bf16 / --amp none")
 
 
-def checkpoint_mid_epoch(args, preemption, save, loss, epoch, it, iters_per_epoch, last_save):
-    """After iteration `it` of a training loop: every 10 iterations (every one with --stop-after-iters)
-    the ranks agree whether SLURM's signal came (save, then requeue/exit), a --checkpoint-minutes save
-    is due, or this run's --stop-after-iters budget is spent (save, then leave the epoch). `save(epoch,
-    next_iteration)` is the script's full-state checkpoint; the epoch's last iteration is left to the
-    end-of-epoch save. Returns (time of the last save, whether to leave the epoch now)."""
-    args.iters_this_run += 1
-    if (it + 1) % 10 and not args.stop_after_iters:
-        return last_save, False
-    stop, save_due = preemption.poll(args.device_obj, time.time() - last_save > args.checkpoint_minutes * 60)
-    out_of_budget = bool(args.stop_after_iters) and args.iters_this_run >= args.stop_after_iters
-    if not (stop or save_due or out_of_budget) or it + 1 == iters_per_epoch:
-        return last_save, False
-    check_finite(loss, epoch, it)
-    path = save(epoch, it + 1)
-    if stop:
-        preemption.exit(path)
-    return time.time(), out_of_budget
+# ---------------------------------------------------------------- a training run: set-up, resume, epoch tail
+
+# Flags a run may change when it resumes: they change where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = {"data", "output_dir", "resume", "workers", "print_freq", "device", "save_every",
+                     "checkpoint_minutes", "stop_after_iters", "download", "amp"}
+
+
+def check_training_args(args, world_size, min_topk=1):
+    """The checks every training script shares, before anything is read or written."""
+    def need(ok, message):
+        if not ok:
+            raise UsageError(message)
+    need(args.epochs >= 1, f"--epochs {args.epochs} must be at least 1 (the paper's setting is 200)")
+    need(args.batch_size >= world_size and args.batch_size % world_size == 0,
+         f"--batch-size {args.batch_size} (global) must be a positive multiple of the number of "
+         f"processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr {args.lr} must be a positive number, e.g. 0.05")
+    need(0 <= args.momentum < 1, f"--momentum {args.momentum} must be in [0, 1), e.g. 0.9")
+    need(math.isfinite(args.wd) and args.wd >= 0, f"--wd {args.wd} must be >= 0, e.g. 1e-4")
+    need(0 <= args.ema <= 1, f"--ema {args.ema} must be in [0, 1], e.g. 0.99")
+    need(args.mem_bank_size >= args.batch_size,
+         f"--mem-bank-size {args.mem_bank_size} must hold at least one global batch (--batch-size "
+         f"{args.batch_size}), or the targets of a step no longer find themselves in the bank; "
+         f"use --mem-bank-size {args.batch_size} or more")
+    need(min_topk <= args.topk <= args.mem_bank_size,
+         f"--topk {args.topk} must be between {min_topk}"
+         f"{' (all same-label entries)' if min_topk == 0 else ''} and --mem-bank-size "
+         f"({args.mem_bank_size})")
+    need(args.image_size >= 8, f"--image-size {args.image_size} must be at least 8 pixels")
+    need(args.workers is None or args.workers >= 0, f"--workers {args.workers} must be >= 0")
+    need(args.save_every >= 0, f"--save-every {args.save_every} must be >= 0 (0: no epoch files)")
+    need(args.checkpoint_minutes > 0, f"--checkpoint-minutes {args.checkpoint_minutes} must be > 0")
+    need(args.stop_after_iters >= 0, f"--stop-after-iters {args.stop_after_iters} must be >= 0")
+    need(args.print_freq >= 1, f"--print-freq {args.print_freq} must be at least 1")
+    if args.dataset == "synthetic":
+        need(args.synthetic_images >= 1, f"--synthetic-images {args.synthetic_images} must be >= 1")
+
+
+def check_dataset_size(num_images, args):
+    """The dataset must fill one global batch; a bank larger than the dataset is allowed (a warning)."""
+    if num_images < args.batch_size:
+        raise UsageError(f"the dataset has {num_images} images, fewer than --batch-size "
+                         f"{args.batch_size}; lower --batch-size to at most {num_images} or use more "
+                         "images")
+    if args.mem_bank_size > num_images and is_main_process():
+        copies = math.ceil(args.mem_bank_size / num_images)
+        print(f"warning: --mem-bank-size {args.mem_bank_size} is larger than the {num_images} training "
+              f"images: the bank will hold up to {copies} embeddings of each image (from different "
+              f"epochs); --mem-bank-size {num_images} or less keeps one", flush=True)
+
+
+def default_workers(requested):
+    """--workers: as asked, or by default 8 loader processes per training process, never more than
+    the CPUs this process may use divided among the processes of this node."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cpus // per_node - 1))
+
+
+def build_online_and_target(arch, image_size, seed, device, channels_last,
+                            online_class=nn.Sequential):
+    """Online network = encoder + predictor (trained), target = EMA copy of the encoder (never
+    trained by gradients), both with the same initial weights on every rank (the target is copied
+    before DDP would broadcast rank 0's). Returns (online, target_encoder); online[0] is the encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(arch, image_size)
+    online = online_class(encoder, build_predictor(encoder)).to(device)
+    target_encoder = copy.deepcopy(encoder).to(device)
+    target_encoder.requires_grad_(False)
+    if channels_last:
+        online = online.to(memory_format=torch.channels_last)
+        target_encoder = target_encoder.to(memory_format=torch.channels_last)
+    return online, target_encoder
+
+
+def sgd_with_cosine_schedule(parameters, args, iters_per_epoch):
+    """The papers' optimiser: SGD with lr = --lr x global batch / 256, momentum, weight decay on all
+    parameters, cosine decay stepped per epoch. Returns (optimizer, lr for every iteration)."""
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    return optimizer, cosine_schedule(lr, args.epochs, iters_per_epoch)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)  # a numpy float would make the checkpoint unloadable (weights_only)
+
+
+def _describe(value):
+    return "not set" if value is None else str(value)
+
+
+class TrainingRun:
+    """What a training script knows besides its method: the device and precision, the output folder,
+    the state to checkpoint, and when to save or stop. One per process; passed around explicitly.
+
+    Usage (the order matters: nothing is written before every input is checked):
+        run = TrainingRun(args, SCRIPT)               # distributed init, device, precision, checks
+        ... build data and models ...
+        run.track(online=..., target=..., optimizer=..., memory_bank=...)   # what a checkpoint holds
+        start_epoch, start_iter = run.resume(args.resume)
+        for epoch ...: train; run.end_epoch(epoch, record, backbone)
+    """
+
+    def __init__(self, args, script, min_topk=1):
+        self.script, self.args = script, plain_args(args)
+        self.device = init_distributed(args.device)
+        self.world_size, self.rank = get_world_size(), get_rank()
+        check_training_args(args, self.world_size, min_topk)
+        fix_random_seeds(args.seed)
+        self.autocast_dtype = amp_dtype(args.amp, self.device)
+        self.channels_last = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.workers = default_workers(args.workers)
+        self.epochs, self.arch, self.save_every = args.epochs, args.arch, args.save_every
+        self.stop_after_iters, self.checkpoint_seconds = args.stop_after_iters, args.checkpoint_minutes * 60
+        self.output_dir = args.output_dir
+        self.latest = os.path.join(self.output_dir, "checkpoint.pth")
+        self.previous = os.path.join(self.output_dir, "checkpoint_previous.pth")
+        self.tracked, self.constants = {"scaler": self.scaler}, {}
+        self.iterations_this_run, self.last_save = 0, time.time()
+        self.stop_reason, self.args_written = None, False
+        self.preemption = None
+
+    def autocast(self):
+        """Mixed precision for a forward pass (a no-op when --amp is off)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def ddp(self, module):
+        return nn.parallel.DistributedDataParallel(module) if self.world_size > 1 else module
+
+    def track(self, **state):
+        """Objects with state_dict/load_state_dict that every checkpoint saves and resume restores.
+        `online` and `target` also go into the weights-only epoch files."""
+        self.tracked.update(state)
+
+    def track_constant(self, name, tensor, flags):
+        """A tensor derived from the flags (e.g. the noisy labels) that a resumed run must reproduce."""
+        self.constants[name] = (tensor, flags)
+
+    # ---- resume
+    def resume(self, resume_flag):
+        """Restore the tracked state from --resume, else from output_dir/checkpoint.pth, falling back
+        to checkpoint_previous.pth when the latest one is damaged or missing. Checks that the
+        checkpoint fits this command line, then checks the output folder can be written. Finishes the
+        epoch outputs of a checkpoint taken at an epoch end. Returns (start epoch, start iteration)."""
+        checkpoint, path = self._load_for_resume(resume_flag)
+        start = (0, 0)
+        if checkpoint is not None:
+            self._check_fits(checkpoint, path)
+            for name, obj in self.tracked.items():
+                try:
+                    obj.load_state_dict(checkpoint[name])
+                except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                    detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
+                    raise UsageError(f"{path} does not fit this run ({name}: {detail[:200]}); resume with "
+                                     "the flags it was trained with, or use another --output-dir") from None
+            set_rng_states(checkpoint["rng"])
+            start = (checkpoint["epoch"], checkpoint["iteration"])
+        self._prepare_output_dir()
+        self.resumed_metrics = checkpoint.get("metrics") if checkpoint else None
+        self.already_complete = start[0] >= self.epochs
+        if checkpoint is not None:
+            if start[1] == 0 and checkpoint.get("log_record") is not None:
+                self._write_epoch_outputs(start[0], checkpoint["log_record"])  # repeat a cut-off tail
+            if is_main_process():
+                print(f"the run in {self.output_dir} is complete ({self.epochs} epochs); nothing to do"
+                      if self.already_complete else
+                      f"resumed from {path} at epoch {start[0] + 1}, iteration {start[1]}", flush=True)
+        return start
+
+    def _load_for_resume(self, resume_flag):
+        if resume_flag:
+            return load_checkpoint(resume_flag, self.script, for_resume=True), resume_flag
+        if not os.path.exists(self.latest) and not os.path.exists(self.previous):
+            return None, None
+        try:
+            return load_checkpoint(self.latest, self.script, for_resume=True), self.latest
+        except UsageError as e:
+            if not os.path.exists(self.previous):
+                raise
+            if is_main_process():
+                print(f"warning: {str(e).splitlines()[0]}\nwarning: resuming from {self.previous} "
+                      "instead (one checkpoint interval older)", flush=True)
+            return load_checkpoint(self.previous, self.script, for_resume=True), self.previous
+
+    def _check_fits(self, checkpoint, path):
+        saved = checkpoint["args"]
+        if saved.get("epochs", self.epochs) != self.epochs and is_main_process():
+            print(f"note: {path} was trained with --epochs {saved['epochs']}; continuing with --epochs "
+                  f"{self.epochs} (the cosine schedule follows the new length)", flush=True)
+        differ = [name for name, value in self.args.items() if name not in RESUMABLE_CHANGES
+                  and name != "epochs" and name in saved and saved[name] != value]
+        if differ:
+            flags = ["--" + name.replace("_", "-") for name in differ]
+            was = ", ".join(f"{f} {_describe(saved[n])}" for f, n in zip(flags, differ))
+            now = ", ".join(f"{f} {_describe(self.args[n])}" for f, n in zip(flags, differ))
+            raise UsageError(f"{path} was trained with {was} but this run asks for {now}; pass {was} "
+                             "to resume it, or use another --output-dir")
+        for name, (tensor, flags) in self.constants.items():
+            if name not in checkpoint or not torch.equal(checkpoint[name], tensor.cpu()):
+                raise UsageError(f"{path} was trained with another {name.replace('_', ' ')} than "
+                                 f"{flags} give now; pass the original flags or use another --output-dir")
+
+    def _prepare_output_dir(self):
+        """Create the output folder and prove it is writable, before the first file is written."""
+        if not is_main_process():
+            return
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".tmp_write_probe", dir=self.output_dir)
+            os.close(fd)
+            os.remove(probe)
+            for name in os.listdir(self.output_dir):  # temp files of writers killed mid-write
+                if name.startswith(".tmp_"):
+                    os.remove(os.path.join(self.output_dir, name))
+        except OSError as e:
+            raise UsageError(f"cannot write to --output-dir {self.output_dir} ({e.strerror or e}); "
+                             "choose a folder you can write to") from None
+
+    # ---- saving
+    def state(self, epoch, iteration, **extra):
+        state = {"script": self.script, "args": self.args, "epoch": epoch, "iteration": iteration,
+                 **{name: obj.state_dict() for name, obj in self.tracked.items()},
+                 **{name: tensor.cpu() for name, (tensor, _) in self.constants.items()}, **extra}
+        state["rng"] = rng_states()  # gathered from all ranks
+        return state
+
+    def save(self, epoch, iteration, metrics=None, log_record=None):
+        """Full state for exact resume, at (epoch, iteration) = the position to continue from; called
+        on all ranks (RNG states are gathered), written by rank 0. The previous checkpoint is kept as
+        checkpoint_previous.pth, so a damaged latest file costs one checkpoint interval."""
+        state = self.state(epoch, iteration, metrics=metrics, log_record=log_record)
+        if is_main_process():
+            save_checkpoint(state, self.latest, keep_previous=self.previous)
+            if not self.args_written:  # written with the first checkpoint: a run that fails earlier
+                save_args(self.args, self.output_dir, self.script)  # leaves the folder as it was
+                self.args_written = True
+        self.last_save = time.time()
+
+    def end_epoch(self, epoch, record, backbone):
+        """The epoch tail, in an order a kill at any point can repeat: checkpoint.pth (holding the log
+        record) -> epoch weights files -> log line. A rerun resumes from the checkpoint and writes the
+        weights and the log line again (both idempotent)."""
+        self.save(epoch + 1, 0, log_record=record)
+        self.backbone = backbone
+        self._write_epoch_outputs(epoch + 1, record)
+
+    def _write_epoch_outputs(self, epoch, record):
+        if not is_main_process():
+            return
+        if self.save_every and epoch % self.save_every == 0:
+            weights = {"script": self.script, "args": self.args, "epoch": epoch,
+                       "online": self.tracked["online"].state_dict(),
+                       "target": self.tracked["target"].state_dict()}
+            save_checkpoint(weights, os.path.join(self.output_dir, f"checkpoint_{epoch:04d}.pth"))
+        backbone = getattr(self, "backbone", None) or self.tracked["online"][0].backbone
+        save_checkpoint(torchvision_state_dict(backbone, self.arch),
+                        os.path.join(self.output_dir, "backbone_torchvision.pth"))
+        append_json_log(self.output_dir, record)
+
+    # ---- when to save or stop
+    def start_epoch_loop(self):
+        """Install the SLURM preemption handler (before the first DataLoader iterator exists)."""
+        self.preemption = PreemptionHandler()
+
+    def poll(self, it, iters_per_epoch):
+        """Call once after every iteration: counts this run's iterations and, every 10 of them (every
+        one with --stop-after-iters), lets the ranks agree whether to save now. Returns None, "save"
+        (--checkpoint-minutes), "preempted" (SLURM's signal) or "budget" (--stop-after-iters spent).
+        The epoch's last iteration is left to the epoch tail."""
+        self.iterations_this_run += 1
+        if ((it + 1) % 10 and not self.stop_after_iters) or it + 1 == iters_per_epoch:
+            return None
+        stop, save_due = self.preemption.poll(self.device,
+                                              time.time() - self.last_save > self.checkpoint_seconds)
+        if stop:
+            return "preempted"
+        if self.stop_after_iters and self.iterations_this_run >= self.stop_after_iters:
+            return "budget"
+        return "save" if save_due else None
+
+    def save_mid_epoch(self, action, epoch, it, loss, logger):
+        """Act on poll()'s answer: check the loss, save, then leave for a signal (requeue/exit) or
+        return True when the --stop-after-iters budget is spent (the epoch loop should end)."""
+        check_finite(loss, epoch, it)
+        self.save(epoch, it + 1, metrics=logger.state_dict())
+        if action == "preempted":
+            self.preemption.exit(self.latest)
+        self.stop_reason = action if action == "budget" else None
+        return action == "budget"
+
+    def should_stop_after_epoch(self, epoch):
+        """At an epoch end (after end_epoch): leave for a signal, or stop when the budget is spent."""
+        if self.preemption.poll(self.device)[0]:
+            self.preemption.exit(self.latest)
+        if self.stop_after_iters and self.iterations_this_run >= self.stop_after_iters \
+                and epoch + 1 < self.epochs:
+            self.stop_reason = "budget"
+        return self.stop_reason is not None
+
+    def finish(self):
+        if not is_main_process() or self.already_complete:
+            return
+        if self.stop_reason == "budget":
+            print(f"stopped after {self.iterations_this_run} iterations as asked (--stop-after-iters); "
+                  "run the same command again to continue", flush=True)
+        else:
+            print(f"done: {self.epochs} epochs; weights in {self.latest} and "
+                  f"{os.path.join(self.output_dir, 'backbone_torchvision.pth')}", flush=True)
 
 
 # ---------------------------------------------------------------- schedules, seeding, logging
@@ -833,18 +1172,25 @@ def fix_random_seeds(seed):
 
 
 class MetricLogger:
-    """Progress lines that read well in a SLURM log: running averages, lr, images/s and ETA.
+    """Progress lines that read well in a SLURM log: running averages, lr, images/s, time waiting for
+    data, peak GPU memory and ETA.
 
     Values are accumulated as tensors so that logging does not synchronise the GPU every step; they
-    are read (and averaged over ranks) only when a line is printed."""
+    are read (and averaged over ranks) only when a line is printed. The epoch sums are part of a
+    mid-epoch checkpoint (state_dict), so a resumed epoch logs the average over all its iterations."""
 
-    def __init__(self, header, total_iters, global_batch_size, print_freq=10, start_iter=0):
+    def __init__(self, header, total_iters, global_batch_size, print_freq=10, start_iter=0,
+                 resumed_state=None):
         self.header, self.total_iters, self.print_freq = header, total_iters, print_freq
         self.global_batch_size, self.start_iter = global_batch_size, start_iter
         self.sums, self.counts = defaultdict(float), defaultdict(int)
+        if resumed_state:
+            self.sums.update(resumed_state["sums"])
+            self.counts.update(resumed_state["counts"])
         self.window = defaultdict(lambda: deque(maxlen=print_freq))
         self.start_time = self.last_time = time.time()
         self.last_iter = start_iter
+        self.data_seconds, self.window_data_seconds = 0.0, 0.0
 
     def update(self, **values):
         for name, value in values.items():
@@ -853,9 +1199,30 @@ class MetricLogger:
             self.counts[name] += 1
             self.window[name].append(value)
 
+    def state_dict(self):
+        """The epoch sums so far, averaged over ranks, as plain floats (a checkpoint entry; all ranks
+        call it, as they all call TrainingRun.save)."""
+        return {"sums": {k: reduce_mean(float(v)) for k, v in self.sums.items()},
+                "counts": dict(self.counts)}
+
     def averages(self):
-        """Epoch averages over all ranks (one float each)."""
-        return {name: reduce_mean(float(self.sums[name]) / self.counts[name]) for name in self.sums}
+        """Epoch averages over all ranks (one float each), plus the seconds spent waiting for data."""
+        averages = {name: reduce_mean(float(self.sums[name]) / self.counts[name]) for name in self.sums}
+        return {**averages, "data_seconds": round(reduce_mean(self.data_seconds), 1)}
+
+    def log_every(self, loader, start_iter=0):
+        """Iterate over `loader` as (iteration, batch), timing the wait for each batch."""
+        iterator = iter(loader)
+        for it in range(start_iter, self.total_iters):
+            waited = time.time()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            waited = time.time() - waited
+            self.data_seconds += waited
+            self.window_data_seconds += waited
+            yield it, batch
 
     def step(self, iteration, lr=None):
         """Call after each iteration (0-based); prints every print_freq iterations and at the end."""
@@ -863,42 +1230,53 @@ class MetricLogger:
         if done % self.print_freq and done != self.total_iters:
             return
         now = time.time()
-        seconds_per_iter = (now - self.last_time) / max(1, done - self.last_iter)
-        self.last_time, self.last_iter = now, done
+        iters_done = max(1, done - self.last_iter)
+        seconds_per_iter = (now - self.last_time) / iters_done
+        data_per_iter = self.window_data_seconds / iters_done
+        self.last_time, self.last_iter, self.window_data_seconds = now, done, 0.0
         eta = datetime.timedelta(seconds=int(seconds_per_iter * (self.total_iters - done)))
         parts = [f"{self.header} [{done:>{len(str(self.total_iters))}}/{self.total_iters}]"]
         for name in self.sums:
+            if not self.window[name]:
+                continue
             recent = reduce_mean(float(sum(float(v) for v in self.window[name]) / len(self.window[name])))
-            parts.append(f"{name} {recent:.4f} ({reduce_mean(float(self.sums[name]) / self.counts[name]):.4f})")
+            epoch = reduce_mean(float(self.sums[name]) / self.counts[name])
+            parts.append(f"{name} {recent:.4f} ({epoch:.4f})")
         if lr is not None:
             parts.append(f"lr {lr:.5f}")
         parts.append(f"img/s {self.global_batch_size / max(seconds_per_iter, 1e-9):.0f}")
+        parts.append(f"data {data_per_iter * 1000:.0f} ms/it")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"max mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         parts.append(f"eta {eta}")
         if is_main_process():
             print("  ".join(parts), flush=True)
 
 
 def plain_args(args):
-    """The user's arguments as a dict of plain types (they go into checkpoints loaded with
-    weights_only); the run-time objects the scripts hang on `args` are left out."""
-    return {k: v for k, v in vars(args).items()
-            if not k.endswith("_obj") and k not in ("autocast_dtype", "channels_last", "iters_this_run")}
-
-
-def save_epoch_weights(output_dir, script, args_dict, epoch, save_every, online, target, backbone, arch):
-    """End-of-epoch outputs besides checkpoint.pth (rank 0): a weights-only checkpoint_EEEE.pth every
-    `save_every` epochs (small: no bank, no optimizer) and backbone_torchvision.pth."""
-    if save_every and epoch % save_every == 0:
-        save_checkpoint({"script": script, "args": args_dict, "epoch": epoch, "online": online.state_dict(),
-                         "target": target.state_dict()}, os.path.join(output_dir, f"checkpoint_{epoch:04d}.pth"))
-    save_checkpoint(torchvision_state_dict(backbone, arch), os.path.join(output_dir, "backbone_torchvision.pth"))
+    """The user's arguments as a dict (plain types: it goes into checkpoints loaded with
+    weights_only). The training scripts keep run-time objects off `args`; eval_linear.py still hangs
+    two there, left out here."""
+    return {k: v for k, v in vars(args).items() if k not in ("device_obj", "autocast_dtype")}
 
 
 def append_json_log(output_dir, record):
-    """One JSON line per epoch in <output_dir>/log.jsonl (rank 0 only)."""
-    if is_main_process():
-        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+    """The JSON line of record["epoch"] in <output_dir>/log.jsonl (rank 0 only). Idempotent: lines of
+    that epoch or later (left by a run that was cut off and resumed) are replaced; written atomically."""
+    if not is_main_process():
+        return
+    path = os.path.join(output_dir, "log.jsonl")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["epoch"] < record["epoch"]:
+                        kept.append(line.rstrip("\n"))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut off by a crash of an older version: dropped
+    lines = kept + [json.dumps(record)]
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def save_args(args, output_dir, script):

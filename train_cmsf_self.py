@@ -17,9 +17,7 @@ The multi-crop recipe is ours (upstream never released it): SwAV-style 2 x 224 (
 neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ... (--batch-size is global).
 """
 import argparse
-import copy
 import math
-import os
 import time
 
 import torch
@@ -107,6 +105,14 @@ class PreviousVisitStore(torch.nn.Module):
     @torch.no_grad()
     def record(self, indices, embeddings):
         self.embeddings[indices] = embeddings.to(self.embeddings.dtype)
+
+
+class ClusterAssignment(torch.nn.Module):
+    """CMSF-KM: the k-means cluster of every dataset index (-1: not clustered yet), checkpointed."""
+
+    def __init__(self, num_images):
+        super().__init__()
+        self.register_buffer("cluster_of_image", torch.full((num_images,), -1, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -220,7 +226,7 @@ def complete_constrained(constrained, constrained_valid, constrained_rows, uncon
 
 @torch.no_grad()
 def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store, cluster_of_image,
-                                args):
+                                constraint, k, k_prime, search_dtype):
     """One step of bookkeeping and search for the local targets t (B, d), after all-gathering the
     global batch so that every rank's bank, M' and store stay identical:
     1. t' = previous-visit embeddings of the global batch, read BEFORE this visit is recorded;
@@ -236,22 +242,21 @@ def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_b
     store.record(global_indices, global_target)
 
     rank_rows = slice(common.get_rank() * target.shape[0], (common.get_rank() + 1) * target.shape[0])
-    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, args.topk,
-                                            search_dtype=args.search_dtype_obj)
+    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, k, search_dtype=search_dtype)
     found = {"unconstrained": unconstrained}
-    if args.constraint == "2q":
+    if constraint == "2q":
         target_prev, constrained_rows = global_prev[rank_rows], global_visited[rank_rows]
         found["candidates"], found["candidates_valid"], constrained, constrained_valid = two_queue_constraint(
-            target, target_prev, memory_bank, previous_bank, args.topk, args.topk_prime, args.search_dtype_obj)
+            target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype)
     else:  # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
         sample_clusters = cluster_of_image[indices]
         slot_clusters = torch.where(memory_bank.indices >= 0, cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
         _, constrained, constrained_valid = common.knn_search(
-            target, memory_bank.embeddings, args.topk, query_labels=sample_clusters, key_labels=slot_clusters,
-            search_dtype=args.search_dtype_obj)
+            target, memory_bank.embeddings, k, query_labels=sample_clusters, key_labels=slot_clusters,
+            search_dtype=search_dtype)
         constrained_rows = sample_clusters >= 0
     found["constrained"], found["constrained_valid"] = complete_constrained(
-        constrained, constrained_valid, constrained_rows, unconstrained, args.topk)
+        constrained, constrained_valid, constrained_rows, unconstrained, k)
     found["constrained_rows"] = constrained_rows
     return found
 
@@ -280,72 +285,65 @@ def rank_in_unconstrained_order(target, bank_embeddings, slots, valid, chunk_siz
     return (ranks.float() * valid).sum() / valid.sum().clamp(min=1)
 
 
-def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memories, lr_schedule,
-                    start_iter, preemption, save):
-    online, target_encoder = models["online"], models["target"]
-    memory_bank = memories["memory_bank"]
+def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
+                    previous_bank, store, cluster_of_image, lr_schedule, start_iter):
+    """One epoch of CMSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
     iters = loader.sampler.iters_per_epoch
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter)
-    device, autocast_dtype = args.device_obj, args.autocast_dtype
-    last_save = time.time()
-    for it, (views, labels, indices) in enumerate(loader, start=start_iter):
+                                 args.print_freq, start_iter, run.resumed_metrics)
+    online_encoder = common.unwrap(online)[0]
+    search_dtype = getattr(torch, args.search_dtype)
+    for it, (views, labels, indices) in logger.log_every(loader, start_iter):
         step = epoch * iters + it
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[step])  # a numpy float would make the checkpoint unloadable (weights_only)
-        views = [v.to(device, non_blocking=True) for v in views]
-        if args.channels_last:
-            views = [v.to(memory_format=torch.channels_last) for v in views]
+        common.set_lr(optimizer, lr_schedule[step])
+        views = common.prepare_views(views, run.device, run.channels_last)
         target_view, query_crops = views[0], views[1:]  # query crops: the query view + local crops
-        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
 
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with run.autocast():
             queries = online(query_crops)
         queries = F.normalize(queries.float(), dim=1).view(len(query_crops), -1, queries.shape[1])
 
         with torch.no_grad():
-            common.ema_update_(target_encoder, models["online_encoder"], args.ema)
+            common.ema_update_(target_encoder, online_encoder, args.ema)
             shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with run.autocast():
                 target = target_encoder(shuffled)
             target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
             # Enqueue first (inside): the bank then holds t itself, its own nearest neighbour.
-            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, memories["previous_bank"],
-                                                memories["store"], memories["cluster_of_image"], args)
+            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store,
+                                                cluster_of_image, args.constraint, args.topk,
+                                                args.topk_prime, search_dtype)
 
         loss_per_sample = cmsf_loss(queries, memory_bank, found)
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        run.scaler.scale(loss).backward()
+        run.scaler.step(optimizer)
+        run.scaler.update()
 
-        # Logged, never trained on: purity (true labels) of the neighbour sets of both terms, the fraction
-        # of samples without a constraint (plain MSF), and at print steps the mean rank of the constrained
-        # neighbours in the unconstrained ordering (how far down the plain list they lie).
+        # Logged, never trained on: purity (true labels) of the neighbour sets of both terms, the
+        # fraction of samples without a constraint (plain MSF), and at print steps the mean rank of
+        # the constrained neighbours in the unconstrained ordering (how far down the plain list).
         logger.update(loss=loss,
                       purity_constrained=common.purity(memory_bank.labels[found["constrained"]], labels,
                                                        found["constrained_valid"]),
-                      purity_unconstrained=common.purity(memory_bank.labels[found["unconstrained"]], labels),
+                      purity_unconstrained=common.purity(memory_bank.labels[found["unconstrained"]],
+                                                         labels),
                       msf_fallback=1.0 - found["constrained_rows"].float().mean())
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             logger.update(constrained_rank=rank_in_unconstrained_order(
                 target, memory_bank.embeddings, found["constrained"], found["constrained_valid"]))
             common.check_finite(loss, epoch, it)
         logger.step(it, lr=lr_schedule[step])
-        last_save, leave_epoch = common.checkpoint_mid_epoch(args, preemption, save, loss, epoch, it, iters, last_save)
-        if leave_epoch:  # --stop-after-iters reached: checkpoint written
+        action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
+        if action and run.save_mid_epoch(action, epoch, it, loss, logger):
             return None
     return logger.averages()
 
 
-def check_args(args, world_size, num_images):
-    if args.batch_size < world_size or args.batch_size % world_size:
-        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
-                                f"number of processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
-    if not 1 <= args.topk <= args.mem_bank_size:
-        raise common.UsageError(f"--topk {args.topk} must be between 1 and --mem-bank-size ({args.mem_bank_size})")
+def check_args(args, num_images):
+    """The checks of this script's own flags (the shared ones are common.check_training_args)."""
     if not 1 <= args.topk_prime <= args.mem_bank_size:
         raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and --mem-bank-size "
                                 f"({args.mem_bank_size})")
@@ -357,151 +355,93 @@ def check_args(args, world_size, num_images):
     if args.local_crops_number < 0:
         raise common.UsageError(f"--local-crops-number {args.local_crops_number} must be 0 or more")
     if args.local_crops_number and not 1 <= args.local_crops_size <= args.image_size:
-        raise common.UsageError(f"--local-crops-size {args.local_crops_size} must be between 1 and --image-size "
-                                f"({args.image_size}); use about 96/224 of it, e.g. {max(1, round(args.image_size * 96 / 224))}")
+        raise common.UsageError(f"--local-crops-size {args.local_crops_size} must be between 1 and "
+                                f"--image-size ({args.image_size}); use about 96/224 of it, e.g. "
+                                f"{max(1, round(args.image_size * 96 / 224))}")
 
 
 def main(args):
-    device = common.init_distributed(args.device)
-    world_size, rank = common.get_world_size(), common.get_rank()
-    common.fix_random_seeds(args.seed)
-    args.device_obj = device
-    args.autocast_dtype = common.amp_dtype(args.amp, device)
-    args.search_dtype_obj = getattr(torch, args.search_dtype)
-    args.channels_last = device.type == "cuda"
-    args.iters_this_run = 0
+    run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
 
     # ---- data: [target view, query view, local query crops...]
     base, _ = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
-                                 args.synthetic_images)
-    check_args(args, world_size, len(base))
-    if len(base) < args.batch_size:
-        raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
+                                   args.synthetic_images)
+    check_args(args, len(base))
+    common.check_dataset_size(len(base), args)
     two_views = common.two_view_transform(args.augmentation, args.image_size).view_transforms
     local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE)
                    for _ in range(args.local_crops_number)]
     dataset = common.IndexedDataset(base, common.MultiViewTransform(two_views + local_crops))
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader = common.make_train_loader(dataset, sampler, args.workers, device)
+    loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
-    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
-        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
-        encoder = common.build_encoder(args.arch, args.image_size)
-    online = OnlineNetwork(encoder, common.build_predictor(encoder)).to(device)
-    target_encoder = copy.deepcopy(encoder).to(device)
-    for p in target_encoder.parameters():
-        p.requires_grad_(False)
-    if args.channels_last:
-        online, target_encoder = online.to(memory_format=torch.channels_last), target_encoder.to(memory_format=torch.channels_last)
-    online_ddp = torch.nn.parallel.DistributedDataParallel(online) if world_size > 1 else online
-    models = {"online": online_ddp, "online_encoder": online[0], "target": target_encoder}
+    online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
+                                                            run.device, run.channels_last,
+                                                            online_class=OnlineNetwork)
+    encoder = online[0]
 
     # ---- memories, replicated and identical on every rank: bank, previous-visit store, and M'
     # (2Q, lockstep with the bank) or the k-means cluster of every image (CMSF-KM)
     store_dtype = getattr(torch, args.store_dtype)
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
-                                    seed=args.seed).to(device)
-    store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(device)
-    previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype, seed=args.seed + 1).to(device)
+                                    seed=args.seed).to(run.device)
+    store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(run.device)
+    previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype,
+                                       seed=args.seed + 1).to(run.device)
                      if args.constraint == "2q" else None)
-    cluster_of_image = torch.full((len(dataset),), -1, dtype=torch.long, device=device)
-    memories = {"memory_bank": memory_bank, "previous_bank": previous_bank, "store": store,
-                "cluster_of_image": cluster_of_image}
+    clusters = ClusterAssignment(len(dataset)).to(run.device)
+    optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
+                                                             sampler.iters_per_epoch)
 
-    lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
-    lr_schedule = common.cosine_schedule(lr, args.epochs, sampler.iters_per_epoch)
-
-    # ---- resume
-    os.makedirs(args.output_dir, exist_ok=True)
-    latest = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch, start_iter = 0, 0
-    resume_path = args.resume or (latest if os.path.exists(latest) else None)
-    if resume_path:
-        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
-        if ckpt["args"]["constraint"] != args.constraint:
-            raise common.UsageError(f"{resume_path} was trained with --constraint {ckpt['args']['constraint']}; "
-                                    f"pass it again or use another --output-dir")
-        online.load_state_dict(ckpt["online"])
-        target_encoder.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        memory_bank.load_state_dict(ckpt["memory_bank"])
-        store.load_state_dict(ckpt["store"])
-        if previous_bank is not None:
-            previous_bank.load_state_dict(ckpt["previous_bank"])
-        cluster_of_image.copy_(ckpt["cluster_of_image"])
-        common.set_rng_states(ckpt["rng"])
-        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
-        if rank == 0:
-            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
-    common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
-    if rank == 0:
+    run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank,
+              store=store, clusters=clusters)
+    if previous_bank is not None:
+        run.track(previous_bank=previous_bank)
+    start_epoch, start_iter = run.resume(args.resume)
+    if run.rank == 0 and not run.already_complete:
         mib = 2 ** 20
         upstream = 2 * len(dataset) * encoder.embed_dim * 4
         second = (f" + M' {args.mem_bank_size} x {encoder.embed_dim} {args.store_dtype} "
                   f"({previous_bank.embeddings.nbytes / mib:.1f} MiB)" if previous_bank is not None else "")
-        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {world_size} process(es) on {device}, "
-              f"global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
-              f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / mib:.1f} MiB), "
-              f"constraint {args.constraint}, k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
-              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp {common.amp_name(args.autocast_dtype)}\n"
-              f"previous-visit store {len(dataset)} x {encoder.embed_dim} {args.store_dtype} "
-              f"({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x d float32 ({upstream / mib:.1f} MiB)",
-              flush=True)
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {run.world_size} process(es) on "
+              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
+              f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / mib:.1f} MiB), constraint {args.constraint}, "
+              f"k={args.topk}, k'={args.topk_prime}, {args.augmentation}, {args.local_crops_number} local "
+              f"crops of {args.local_crops_size} px, amp {common.amp_name(run.autocast_dtype)}, "
+              f"{run.workers} loader workers\nprevious-visit store {len(dataset)} x {encoder.embed_dim} "
+              f"{args.store_dtype} ({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x d "
+              f"float32 ({upstream / mib:.1f} MiB)", flush=True)
 
-    def save(epoch, iteration):
-        """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
-        state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch, "iteration": iteration,
-                 "online": online.state_dict(), "target": target_encoder.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "memory_bank": memory_bank.state_dict(), "store": store.state_dict(),
-                 "previous_bank": previous_bank.state_dict() if previous_bank is not None else None,
-                 "cluster_of_image": cluster_of_image, "rng": common.rng_states()}
-        if iteration == sampler.iters_per_epoch:  # an epoch boundary: store as the start of the next
-            state["epoch"], state["iteration"] = epoch + 1, 0
-        if rank == 0:
-            common.save_checkpoint(state, latest)
-        return latest
-
-    preemption = common.PreemptionHandler()
+    online_ddp = run.ddp(online)
+    run.start_epoch_loop()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
         start = time.time()
         extra = {}
         if args.constraint == "kmeans" and epoch > 0 and start_iter == 0:  # a resumed epoch keeps its clusters
-            cluster_of_image.copy_(cluster_store(store, args.num_clusters, args.kmeans_iters, args.seed, epoch))
+            clusters.cluster_of_image.copy_(cluster_store(store, args.num_clusters, args.kmeans_iters,
+                                                          args.seed, epoch))
+            assigned = clusters.cluster_of_image[clusters.cluster_of_image >= 0]
             extra = {"kmeans_seconds": round(time.time() - start, 1),
-                     "kmeans_clusters_used": int(cluster_of_image[cluster_of_image >= 0].unique().numel())}
-            if rank == 0:
+                     "kmeans_clusters_used": int(assigned.unique().numel())}
+            if run.rank == 0:
                 print(f"k-means: {extra['kmeans_clusters_used']} non-empty clusters of "
-                      f"{int((cluster_of_image >= 0).sum())} images in {extra['kmeans_seconds']} s", flush=True)
-        stats = train_one_epoch(args, epoch, loader, models, optimizer, scaler, memories, lr_schedule,
-                                start_iter, preemption, save)
-        if stats is None:  # --stop-after-iters reached mid-epoch; checkpoint already written
-            if rank == 0:
-                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters); "
-                      "run the same command again to continue", flush=True)
-            return
+                      f"{assigned.numel()} images in {extra['kmeans_seconds']} s", flush=True)
+        stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
+                                memory_bank, previous_bank, store, clusters.cluster_of_image,
+                                lr_schedule, start_iter)
+        if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
+            break
         start_iter = 0
-        save(epoch, sampler.iters_per_epoch)
-        if rank == 0:
-            common.save_epoch_weights(args.output_dir, SCRIPT, common.plain_args(args), epoch + 1, args.save_every,
-                                      online, target_encoder, encoder.backbone, args.arch)
-        common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, **extra,
-                                                 "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
-                                                 "epoch_seconds": round(time.time() - start, 1)})
-        if preemption.poll(device)[0]:
-            preemption.exit(latest)
-        if args.stop_after_iters and args.iters_this_run >= args.stop_after_iters and epoch + 1 < args.epochs:
-            if rank == 0:
-                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters)", flush=True)
-            return
-    if rank == 0:
-        print(f"done: {args.epochs} epochs; weights in {latest} and "
-              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
+        record = {"epoch": epoch + 1, **stats, **extra,
+                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                  "epoch_seconds": round(time.time() - start, 1)}
+        run.end_epoch(epoch, record, encoder.backbone)
+        if run.should_stop_after_epoch(epoch):
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ row's exact setting is not in SPEC.md; the command above is our closest match.
 Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_semi.py ...  (--batch-size is the global batch).
 """
 import argparse
-import copy
 import os
 import time
 from collections import defaultdict
@@ -229,61 +228,69 @@ def labeled_subset(args, base, num_classes, true_labels):
 
 # ---------------------------------------------------------------- training
 
-def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, label_state, lr_schedule,
-                    start_iter, preemption, save):
-    online, target_encoder = models["online"], models["target"]
-    pseudo_labeler, cache = label_state["pseudo_labeler"], label_state["cache"]
-    true_labels, is_labeled = label_state["true_labels"], label_state["is_labeled"]
+class LabelerProgress:
+    """How many rounds the pseudo-labeler has trained (pseudo-labels are used from the first one on)
+    and its last loss; checkpointed with the labeler."""
+
+    def __init__(self):
+        self.rounds, self.last_loss = 0, None
+
+    def state_dict(self):
+        return {"rounds": self.rounds, "last_loss": self.last_loss}
+
+    def load_state_dict(self, state):
+        self.rounds, self.last_loss = state["rounds"], state["last_loss"]
+
+
+def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
+                    pseudo_labeler, cache, progress, true_labels, is_labeled, lr_schedule, start_iter):
+    """One epoch of CMSF-semi. Returns the epoch's averages, or None when the run must stop."""
     iters = loader.sampler.iters_per_epoch
     labeler_rounds_at = {max(1, iters // 2), iters}  # mid-epoch and end
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter)
+                                 args.print_freq, start_iter, run.resumed_metrics)
+    online_encoder = common.unwrap(online)[0]
     # unlabeled images seen, with a confident pseudo-label, confident and right, argmax right
-    counts = torch.zeros(4, dtype=torch.long, device=args.device_obj)
-    device, autocast_dtype = args.device_obj, args.autocast_dtype
-    last_save = time.time()
-    for it, (views, labels, indices) in enumerate(loader, start=start_iter):
+    counts = torch.zeros(4, dtype=torch.long, device=run.device)
+    for it, (views, labels, indices) in logger.log_every(loader, start_iter):
         step = epoch * iters + it
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[step])  # a numpy float would not load with weights_only
-        target_view, query_view = (v.to(device, non_blocking=True) for v in views[:2])
-        if args.channels_last:
-            target_view = target_view.to(memory_format=torch.channels_last)
-            query_view = query_view.to(memory_format=torch.channels_last)
-        labels, indices = labels.to(device, non_blocking=True), indices.to(device, non_blocking=True)
+        common.set_lr(optimizer, lr_schedule[step])
+        target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
+        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
 
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with run.autocast():
             query = online(query_view)
         query = F.normalize(query.float(), dim=1)
 
         with torch.no_grad():
-            common.ema_update_(target_encoder, models["online_encoder"], args.ema)
+            common.ema_update_(target_encoder, online_encoder, args.ema)
             shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with run.autocast():
                 target = target_encoder(shuffled)
             target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
-            assigned, predicted = assign_labels(pseudo_labeler, target, labels, is_labeled[indices], args.threshold,
-                                                label_state["rounds"] > 0)
-            # Everything below uses the gathered global batch, so bank and cache are identical on all ranks.
+            assigned, predicted = assign_labels(pseudo_labeler, target, labels, is_labeled[indices],
+                                                args.threshold, progress.rounds > 0)
+            # Everything below uses the gathered global batch: bank and cache identical on all ranks.
             all_target, all_labels, all_indices = (common.all_gather(x) for x in (target, labels, indices))
             all_assigned, all_predicted = common.all_gather(assigned), common.all_gather(predicted)
             # Enqueue first: t is then its own nearest same-label neighbour (or nearest, if unknown).
             memory_bank.enqueue(all_target, all_assigned, all_indices)
             all_is_labeled = is_labeled[all_indices]
-            cache.enqueue(all_target[all_is_labeled], all_labels[all_is_labeled], all_indices[all_is_labeled])
+            cache.enqueue(all_target[all_is_labeled], all_labels[all_is_labeled],
+                          all_indices[all_is_labeled])
             unlabeled = ~all_is_labeled
             confident = unlabeled & (all_assigned >= 0)
-            counts += torch.stack([unlabeled.sum(), confident.sum(), (confident & (all_assigned == all_labels)).sum(),
+            counts += torch.stack([unlabeled.sum(), confident.sum(),
+                                   (confident & (all_assigned == all_labels)).sum(),
                                    (unlabeled & (all_predicted == all_labels)).sum()])
 
-        loss_per_sample, neighbour_slots, valid = semi_cmsf_loss(query, target, assigned, memory_bank, args.topk,
-                                                                 args.search_dtype_obj)
+        loss_per_sample, neighbour_slots, valid = semi_cmsf_loss(query, target, assigned, memory_bank,
+                                                                 args.topk, getattr(torch, args.search_dtype))
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        run.scaler.scale(loss).backward()
+        run.scaler.step(optimizer)
+        run.scaler.update()
 
         neighbour_indices = memory_bank.indices[neighbour_slots]
         neighbour_true = torch.where(neighbour_indices >= 0, true_labels[neighbour_indices.clamp(min=0)], -1)
@@ -291,52 +298,36 @@ def train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank,
                       constrained=(assigned >= 0).float().mean())
         if it + 1 in labeler_rounds_at:
             labeler_loss = train_pseudo_labeler(pseudo_labeler, cache, args.pseudo_epochs, args.pseudo_lr,
-                                                args.pseudo_batch_size, seed=args.seed * 1_000_003 + label_state["rounds"])
-            if labeler_loss is not None:  # rounds > 0 means "trained at least once": pseudo-labels are used
-                label_state["last_labeler_loss"] = labeler_loss
-                label_state["rounds"] += 1
+                                                args.pseudo_batch_size,
+                                                seed=args.seed * 1_000_003 + progress.rounds)
+            if labeler_loss is not None:  # rounds > 0 means "trained at least once": pseudo-labels used
+                progress.rounds, progress.last_loss = progress.rounds + 1, labeler_loss
         logger.step(it, lr=lr_schedule[step])
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             common.check_finite(loss, epoch, it)
-        last_save, leave_epoch = common.checkpoint_mid_epoch(args, preemption, save, loss, epoch, it, iters, last_save)
-        if leave_epoch:  # --stop-after-iters reached: checkpoint written
+        action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
+        if action and run.save_mid_epoch(action, epoch, it, loss, logger):
             return None
     seen, covered, covered_right, argmax_right = counts.tolist()
     return {**logger.averages(),
             "pseudo_coverage": covered / max(seen, 1),  # unlabeled images given a confident pseudo-label
             "pseudo_accuracy": covered_right / covered if covered else None,  # of those confident labels
             "pseudo_argmax_accuracy": argmax_right / max(seen, 1),  # the labeler's plain accuracy
-            "labeler_loss": label_state["last_labeler_loss"], "labeler_rounds": label_state["rounds"]}
+            "labeler_loss": progress.last_loss, "labeler_rounds": progress.rounds}
 
 
 def main(args):
-    device = common.init_distributed(args.device)
-    world_size, rank = common.get_world_size(), common.get_rank()
-    common.fix_random_seeds(args.seed)
-    if args.batch_size < world_size or args.batch_size % world_size:
-        raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
-                                f"number of processes ({world_size}); use e.g. {world_size * max(1, args.batch_size // world_size)}")
-    if not 1 <= args.topk <= args.mem_bank_size:
-        raise common.UsageError(f"--topk {args.topk} must be between 1 and --mem-bank-size ({args.mem_bank_size})")
-    if args.mem_bank_size < args.batch_size:
-        raise common.UsageError(f"--mem-bank-size {args.mem_bank_size} must hold at least one global batch "
-                                f"(--batch-size {args.batch_size})")
+    run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
     if args.pseudo_epochs < 1 or args.pseudo_batch_size < 2:
         raise common.UsageError("--pseudo-epochs must be >= 1 and --pseudo-batch-size >= 2 (BatchNorm)")
     if args.threshold < 0:
-        raise common.UsageError(f"--threshold {args.threshold} must be >= 0 (a softmax confidence; > 1 disables "
-                                "pseudo-labels)")
-    args.device_obj = device
-    args.autocast_dtype = common.amp_dtype(args.amp, device)
-    args.search_dtype_obj = getattr(torch, args.search_dtype)
-    args.channels_last = device.type == "cuda"
-    args.iters_this_run = 0
+        raise common.UsageError(f"--threshold {args.threshold} must be >= 0 (a softmax confidence; "
+                                "> 1 disables pseudo-labels)")
 
     # ---- data: all images feed the loss; the loader yields true labels, used only where is_labeled
-    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
-                                             args.synthetic_images)
-    if len(base) < args.batch_size:
-        raise common.UsageError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}")
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
+                                             args.image_size, args.synthetic_images)
+    common.check_dataset_size(len(base), args)
     true_labels = common.dataset_targets(base)
     is_labeled = labeled_subset(args, base, num_classes, true_labels)
     cache_size = args.cache_size or min(128_000, 4 * int(is_labeled.sum()))
@@ -344,119 +335,60 @@ def main(args):
         raise common.UsageError(f"--cache-size {args.cache_size} must be at least 2")
     dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size))
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader = common.make_train_loader(dataset, sampler, args.workers, device)
+    loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
-    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank: the target is
-        torch.manual_seed(args.seed)          # copied from them before DDP broadcasts rank 0's
-        encoder = common.build_encoder(args.arch, args.image_size)
-    online = torch.nn.Sequential(encoder, common.build_predictor(encoder)).to(device)
-    target_encoder = copy.deepcopy(encoder).to(device)
-    for p in target_encoder.parameters():
-        p.requires_grad_(False)
-    if args.channels_last:
-        online, target_encoder = online.to(memory_format=torch.channels_last), target_encoder.to(memory_format=torch.channels_last)
-    online_ddp = torch.nn.parallel.DistributedDataParallel(online) if world_size > 1 else online
-    models = {"online": online_ddp, "online_encoder": online[0], "target": target_encoder}
-    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
-                                    seed=args.seed).to(device)
+    online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
+                                                            run.device, run.channels_last)
+    encoder = online[0]
+    bank_dtype = getattr(torch, args.bank_dtype)
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, bank_dtype,
+                                    seed=args.seed).to(run.device)
     # A MemoryBank is exactly the FIFO the labeled cache needs; index -1 marks never-filled slots.
-    cache = common.MemoryBank(cache_size, encoder.embed_dim, getattr(torch, args.bank_dtype), seed=args.seed).to(device)
-    pseudo_labeler = build_pseudo_labeler(encoder.embed_dim, num_classes, args.seed).to(device)
-    label_state = {"pseudo_labeler": pseudo_labeler, "cache": cache, "rounds": 0, "last_labeler_loss": None,
-                   "true_labels": true_labels.to(device), "is_labeled": is_labeled.to(device)}
+    cache = common.MemoryBank(cache_size, encoder.embed_dim, bank_dtype, seed=args.seed).to(run.device)
+    pseudo_labeler = build_pseudo_labeler(encoder.embed_dim, num_classes, args.seed).to(run.device)
+    progress = LabelerProgress()
+    optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
+                                                             sampler.iters_per_epoch)
 
-    lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(online.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
-    lr_schedule = common.cosine_schedule(lr, args.epochs, sampler.iters_per_epoch)
-
-    # ---- resume
-    os.makedirs(args.output_dir, exist_ok=True)
-    latest = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch, start_iter = 0, 0
-    resume_path = args.resume or (latest if os.path.exists(latest) else None)
-    if resume_path:
-        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
-        if not torch.equal(ckpt["is_labeled"], is_labeled):
-            raise common.UsageError(f"{resume_path} was trained with another labeled subset than "
-                                    "--labeled-list/--labeled-fraction give now; pass the original flags or "
-                                    "use another --output-dir")
-        if ckpt["cache"]["embeddings"].shape[0] != cache_size:
-            raise common.UsageError(f"{resume_path} has a labeled cache of {ckpt['cache']['embeddings'].shape[0]} "
-                                    f"slots, not {cache_size}; pass the original --cache-size")
-        try:
-            online.load_state_dict(ckpt["online"])
-            target_encoder.load_state_dict(ckpt["target"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            memory_bank.load_state_dict(ckpt["memory_bank"])
-            cache.load_state_dict(ckpt["cache"])
-            pseudo_labeler.load_state_dict(ckpt["pseudo_labeler"])
-        except (RuntimeError, ValueError) as e:  # shapes differ: another --image-size stem, --mem-bank-size...
-            raise common.UsageError(f"{resume_path} does not fit this run ({str(e).strip().splitlines()[-1].strip()}); "
-                                    "resume with the --arch, --image-size and --mem-bank-size it was trained with, "
-                                    "or use another --output-dir") from None
-        label_state["rounds"], label_state["last_labeler_loss"] = ckpt["labeler_rounds"], ckpt["last_labeler_loss"]
-        common.set_rng_states(ckpt["rng"])
-        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
-        if rank == 0:
-            print(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
-    common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
-    if rank == 0:
+    run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank,
+              cache=cache, pseudo_labeler=pseudo_labeler, labeler=progress)
+    run.track_constant("is_labeled", is_labeled, "--labeled-list/--labeled-fraction")
+    start_epoch, start_iter = run.resume(args.resume)
+    if run.rank == 0 and not run.already_complete:
         num_labeled = int(is_labeled.sum())
-        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images ({num_labeled} labeled, {num_labeled / len(dataset):.2%}), "
-              f"{num_classes} classes, {world_size} process(es) on {device}, global batch {args.batch_size}, "
-              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
-              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), labeled cache {cache_size}, k={args.topk}, "
-              f"threshold {args.threshold}, {args.augmentation}, amp {common.amp_name(args.autocast_dtype)}", flush=True)
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images ({num_labeled} labeled, "
+              f"{num_labeled / len(dataset):.2%}), {num_classes} classes, {run.world_size} process(es) "
+              f"on {run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
+              f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), labeled cache {cache_size}, "
+              f"k={args.topk}, threshold {args.threshold}, {args.augmentation}, "
+              f"amp {common.amp_name(run.autocast_dtype)}, {run.workers} loader workers", flush=True)
 
-    def save(epoch, iteration):
-        """Full state for exact resume (called on all ranks: the RNG states are gathered)."""
-        state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch, "iteration": iteration,
-                 "online": online.state_dict(), "target": target_encoder.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "memory_bank": memory_bank.state_dict(), "cache": cache.state_dict(),
-                 "pseudo_labeler": pseudo_labeler.state_dict(), "labeler_rounds": label_state["rounds"],
-                 "last_labeler_loss": label_state["last_labeler_loss"], "is_labeled": is_labeled,
-                 "rng": common.rng_states()}
-        if iteration == sampler.iters_per_epoch:  # an epoch boundary: store as the start of the next
-            state["epoch"], state["iteration"] = epoch + 1, 0
-        if rank == 0:
-            common.save_checkpoint(state, latest)
-        return latest
-
-    preemption = common.PreemptionHandler()
+    online_ddp = run.ddp(online)
+    true_labels, is_labeled = true_labels.to(run.device), is_labeled.to(run.device)
+    run.start_epoch_loop()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
         start = time.time()
-        stats = train_one_epoch(args, epoch, loader, models, optimizer, scaler, memory_bank, label_state,
-                                lr_schedule, start_iter, preemption, save)
-        if stats is None:  # --stop-after-iters reached mid-epoch; checkpoint already written
-            if rank == 0:
-                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters); "
-                      "run the same command again to continue", flush=True)
-            return
+        stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
+                                memory_bank, pseudo_labeler, cache, progress, true_labels, is_labeled,
+                                lr_schedule, start_iter)
+        if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
+            break
         start_iter = 0
-        save(epoch, sampler.iters_per_epoch)
-        if rank == 0:
+        if run.rank == 0:
             accuracy = stats["pseudo_accuracy"]
-            print(f"epoch {epoch + 1}: pseudo-labels on unlabeled images: coverage {stats['pseudo_coverage']:.2%}, "
-                  f"accuracy {'n/a' if accuracy is None else f'{accuracy:.2%}'} (argmax "
+            print(f"epoch {epoch + 1}: pseudo-labels on unlabeled images: coverage "
+                  f"{stats['pseudo_coverage']:.2%}, accuracy "
+                  f"{'n/a' if accuracy is None else f'{accuracy:.2%}'} (argmax "
                   f"{stats['pseudo_argmax_accuracy']:.2%}); purity {stats['purity']:.4f}", flush=True)
-            common.save_epoch_weights(args.output_dir, SCRIPT, common.plain_args(args), epoch + 1, args.save_every,
-                                      online, target_encoder, encoder.backbone, args.arch)
-        common.append_json_log(args.output_dir, {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
-                                                 "epoch_seconds": round(time.time() - start, 1)})
-        if preemption.poll(device)[0]:
-            preemption.exit(latest)
-        if args.stop_after_iters and args.iters_this_run >= args.stop_after_iters and epoch + 1 < args.epochs:
-            if rank == 0:
-                print(f"stopped after {args.iters_this_run} iterations as asked (--stop-after-iters)", flush=True)
-            return
-    if rank == 0:
-        print(f"done: {args.epochs} epochs; weights in {latest} and "
-              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
+        record = {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                  "epoch_seconds": round(time.time() - start, 1)}
+        run.end_epoch(epoch, record, encoder.backbone)
+        if run.should_stop_after_epoch(epoch):
+            break
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def test_resume_is_bit_identical(straight_run, tmp_path, capsys):
             assert torch.equal(value, b[part][name]), (part, name)
     assert torch.equal(a["train_labels"], b["train_labels"])
     # changing the noise on resume is refused rather than mixing two label sets (in-process: no startup)
-    with pytest.raises(common.UsageError, match="other labels"):
+    with pytest.raises(common.UsageError, match="--label-noise"):
         run_in_process(sup, tiny_args(resumed, "--label-noise", "0.5", epochs=3))
 
 
