@@ -480,6 +480,63 @@ def purity(neighbour_labels, labels, valid=None):
     return (same * valid).sum() / valid.sum().clamp(min=1)
 
 
+def dataset_relative_paths(dataset):
+    """A name per image that other files can match on: for an ImageFolder the path relative to its
+    split folder with '/' separators ('n01440764/n01440764_10026.JPEG'); for datasets without files
+    (cifar, stl10, synthetic) the index as a string ('0', '1', ...)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and hasattr(dataset, "root"):
+        return [os.path.relpath(path, dataset.root).replace(os.sep, "/") for path, _ in samples]
+    return [str(i) for i in range(len(dataset))]
+
+
+# Diagnostics of the CMSF poster (logged, never trained on); run them on a fixed few rows of the
+# batch at print steps only: each is one search over the whole bank.
+PURITY_KS = (1, 5, 10, 20, 50)
+RANK_BINS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000), (1001, None))
+
+
+@torch.no_grad()
+def ordered_purity_at_ks(neighbour_labels, labels, ks=PURITY_KS, valid=None):
+    """Purity of the first k neighbours of an ordering (B, K), nearest first, for each k <= K:
+    {k: fraction of the valid entries among the first k whose label equals the sample's label}.
+    For constrained neighbours pass their labels and validity in the constrained order."""
+    same = (neighbour_labels == labels.unsqueeze(1)).float()
+    valid = torch.ones_like(same) if valid is None else valid.float()
+    return {k: float((same[:, :k] * valid[:, :k]).sum() / valid[:, :k].sum().clamp(min=1))
+            for k in ks if k <= same.shape[1]}
+
+
+@torch.no_grad()
+def purity_at_ks(target, bank_embeddings, bank_labels, labels, ks=PURITY_KS, search_dtype=None):
+    """Purity of the plain (unconstrained) k nearest neighbours of t in the bank for each k, from
+    one top-max(k) search: {k: purity}. ks above the bank size are left out."""
+    largest = min(max(ks), bank_embeddings.shape[0])
+    _, idx, _ = knn_search(target, bank_embeddings, largest, search_dtype=search_dtype)
+    return ordered_purity_at_ks(bank_labels[idx], labels, ks)
+
+
+@torch.no_grad()
+def rank_histogram(target, bank_embeddings, slots, valid=None, bins=RANK_BINS, chunk_size=65536):
+    """Where the (constrained) neighbours `slots` (B, k) of t lie in the plain ordering of the whole
+    bank by similarity to t: rank = 1 + the number of bank entries strictly more similar (1 = the
+    nearest). Returns {"1": count, "2-5": count, ..., ">1000": count} over the valid entries.
+    One B x M pass; the neighbours' own scores come from the same matmul, so ties cannot push a
+    neighbour below itself."""
+    chunks = bank_embeddings.split(chunk_size)
+    sims = torch.cat([target.float() @ chunk.float().T for chunk in chunks], dim=1)  # (B, M)
+    neighbour_sims = sims.gather(1, slots)  # (B, k)
+    ranks = 1 + torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1)
+                             for j in range(slots.shape[1])], dim=1)
+    ranks = ranks[valid] if valid is not None else ranks.reshape(-1)
+    histogram = {}
+    for low, high in bins:
+        name = f">{low - 1}" if high is None else (str(low) if low == high else f"{low}-{high}")
+        inside = (ranks >= low) if high is None else (ranks >= low) & (ranks <= high)
+        histogram[name] = int(inside.sum())
+    return histogram
+
+
 # ---------------------------------------------------------------- distributed
 
 def get_rank():
