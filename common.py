@@ -130,6 +130,198 @@ def torchvision_state_dict(backbone, arch):
     return state
 
 
+# Ghost BatchNorm: the papers trained with DataParallel on 4 GPUs at batch 256, so every BatchNorm
+# normalised over 64 images. These modules reproduce that on any number of processes.
+_GHOST_BN_GROUPS = {}  # ranks of a cross-process group (tuple) -> ProcessGroup, see convert_batchnorm
+
+
+def ghost_batchnorm_layout(bn_batch_size, local_batch_size, world_size):
+    """How to make every BatchNorm normalise over `bn_batch_size` samples: (samples_per_rank,
+    ranks_per_group), or None for plain per-process BatchNorm (bn_batch_size 0).
+
+    Groups of bn_batch_size samples within a process when the local batch holds several; otherwise
+    bn_batch_size / local_batch processes pool their statistics. A global batch of at most
+    bn_batch_size is normalised as a whole. Other combinations are a UsageError naming the sizes
+    that work; call it while checking the arguments, before anything is written."""
+    if bn_batch_size == 0:
+        return None
+    global_batch_size = local_batch_size * world_size
+    if bn_batch_size < 0:
+        raise UsageError(f"--bn-batch-size {bn_batch_size} must be 0 (per-process BatchNorm) or "
+                         "positive")
+    if global_batch_size <= bn_batch_size:
+        return local_batch_size, world_size
+    if bn_batch_size <= local_batch_size and local_batch_size % bn_batch_size == 0:
+        return bn_batch_size, 1
+    ranks_per_group = bn_batch_size // local_batch_size
+    if bn_batch_size % local_batch_size == 0 and world_size % ranks_per_group == 0:
+        return local_batch_size, ranks_per_group
+    within = [g for g in range(1, local_batch_size + 1) if local_batch_size % g == 0]
+    across = [local_batch_size * r for r in range(2, world_size + 1) if world_size % r == 0]
+    across_text = f", or {', '.join(map(str, across))} (groups of processes)" if across else ""
+    raise UsageError(f"--bn-batch-size {bn_batch_size} does not split a local batch of "
+                     f"{local_batch_size} on {world_size} process(es) into equal groups; use 0 "
+                     f"(per-process BatchNorm), a divisor of {local_batch_size} "
+                     f"({', '.join(map(str, within))}){across_text}")
+
+
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d/2d that normalises, in training mode, groups of samples, not the whole batch.
+
+    Each process cuts its batch into consecutive chunks of `samples_per_rank` (a last, smaller chunk
+    holds the remainder of a batch that is not a multiple); with `group_ranks` (a tuple of ranks),
+    chunk j of every rank of that group forms one group: their (sum, sum of squares, count) are
+    added with an autograd-aware all-reduce, so gradients flow through the other processes' samples
+    as in one big BatchNorm. Each group is normalised with its mean and biased variance. The running
+    statistics, as for one BatchNorm per group and then averaged over the G groups of the process:
+        running_mean <- (1 - m) running_mean + m mean_g(mean_g)
+        running_var  <- (1 - m) running_var  + m mean_g(unbiased var_g)
+    (m = momentum; momentum None: the cumulative average, as nn.BatchNorm). Evaluation mode uses the
+    running statistics. Parameters and buffers have nn.BatchNorm's names and shapes, so state dicts,
+    checkpoints and torchvision exports are unchanged; revert_batchnorm gives plain modules back."""
+
+    def __init__(self, batchnorm, samples_per_rank, group_ranks=None):
+        super().__init__(batchnorm.num_features, batchnorm.eps, batchnorm.momentum,
+                         batchnorm.affine, batchnorm.track_running_stats, device="meta")
+        self.plain_class = type(batchnorm)
+        self.samples_per_rank, self.group_ranks = samples_per_rank, group_ranks
+        # share the original's tensors: optimizer references and the values stay valid
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(self, name, getattr(batchnorm, name))
+        self.train(batchnorm.training)
+
+    def _check_input_dim(self, input):
+        self.plain_class._check_input_dim(self, input)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", samples_per_rank={self.samples_per_rank}, "
+                f"group_ranks={self.group_ranks}")
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        if not self.training or self.group_ranks is None and x.shape[0] <= self.samples_per_rank:
+            return super().forward(x)  # running statistics, or the batch is one group: fused kernel
+        factor = 0.0
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = (self.momentum if self.momentum is not None
+                      else 1.0 / float(self.num_batches_tracked))
+        if self.group_ranks is None:
+            return self._forward_within_rank(x, factor)
+        return self._forward_across_ranks(x, factor)
+
+    def _update_running_stats(self, group_means, group_unbiased_vars, factor):
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(group_means.mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(group_unbiased_vars.mean(0).to(self.running_var.dtype),
+                                       factor)
+
+    def _forward_within_rank(self, x, factor):
+        """Groups inside the batch: the groups become channels of one fused batch_norm call,
+        (N, C, ...) -> (G samples, N/G x C channels, ...); each group's mean and unbiased variance
+        come back in scratch running buffers. A remainder chunk is one more group."""
+        size = self.samples_per_rank
+        full = x.shape[0] // size * size
+        groups, channels, rest = full // size, x.shape[1], x.shape[2:]
+        as_channels = x[:full].reshape(groups, size, channels, *rest).transpose(0, 1).reshape(
+            size, groups * channels, *rest)
+        repeat = (lambda t: None if t is None else t.repeat(groups))
+        running = [self.running_mean, self.running_var] if self.track_running_stats else []
+        stats = [torch.zeros(groups, channels, dtype=t.dtype, device=t.device) for t in running]
+        # running buffers of 0 and momentum 1 return each group's batch mean and unbiased variance
+        scratch = [s.view(-1) for s in stats] or [None, None]
+        out = F.batch_norm(as_channels, *scratch, repeat(self.weight), repeat(self.bias), True, 1.0,
+                           self.eps)
+        out = out.reshape(size, groups, channels, *rest).transpose(0, 1).reshape(
+            full, channels, *rest)
+        if full < x.shape[0]:
+            extra = [torch.zeros(1, channels, dtype=t.dtype, device=t.device) for t in running]
+            tail = F.batch_norm(x[full:], *([e.view(-1) for e in extra] or [None, None]),
+                                self.weight, self.bias, True, 1.0, self.eps)
+            out = torch.cat([out, tail])
+            stats = [torch.cat([s, e]) for s, e in zip(stats, extra)]
+        if stats:
+            self._update_running_stats(stats[0], stats[1], factor)
+        return out
+
+    def _forward_across_ranks(self, x, factor):
+        """Chunk j of every rank of the group is one group: per-chunk (sum, sum of squares, count)
+        in float32 (float64 for float64 inputs), summed over the group's ranks by one autograd-aware
+        all-reduce."""
+        import warnings
+        from torch.distributed.nn.functional import all_reduce
+        size, channels = self.samples_per_rank, x.shape[1]
+        chunk_of_sample = torch.arange(x.shape[0], device=x.device) // size
+        chunks = (x.shape[0] + size - 1) // size
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        values = x.to(dtype).reshape(x.shape[0], channels, -1)  # (N, C, HW)
+        counts = torch.full((x.shape[0], 1), values.shape[2], dtype=dtype, device=x.device)
+        per_sample = torch.cat([values.sum(2), values.square().sum(2), counts], dim=1)
+        sums = torch.zeros(chunks, 2 * channels + 1, dtype=dtype, device=x.device)
+        sums = sums.index_add(0, chunk_of_sample, per_sample)
+        with warnings.catch_warnings():  # its deprecation suggests a collective without autograd
+            warnings.simplefilter("ignore", FutureWarning)
+            sums = all_reduce(sums, group=_GHOST_BN_GROUPS[self.group_ranks])
+        count = sums[:, -1:]
+        mean = sums[:, :channels] / count
+        var = (sums[:, channels:2 * channels] / count - mean.square()).clamp(min=0)  # biased
+        unbiased_var = var * count / (count - 1).clamp(min=1)
+        self._update_running_stats(mean.detach(), unbiased_var.detach(), factor)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -mean * scale + (self.bias if self.affine else 0)
+        out = values * scale[chunk_of_sample].unsqueeze(2) + shift[chunk_of_sample].unsqueeze(2)
+        out = out.view(x.shape).to(x.dtype)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if channels_last and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def convert_batchnorm(module, bn_batch_size, local_batch_size, world_size=None):
+    """Replace every BatchNorm1d/2d of `module` (in place; returns it) by a GhostBatchNorm that
+    normalises groups of `bn_batch_size` samples (see ghost_batchnorm_layout); bn_batch_size 0 leaves
+    the module untouched. Creates the process groups it needs, so call it on ALL ranks, in the same
+    order (e.g. on the online network, then on the target encoder)."""
+    world_size = get_world_size() if world_size is None else world_size
+    layout = ghost_batchnorm_layout(bn_batch_size, local_batch_size, world_size)
+    if layout is None:
+        return module
+    samples_per_rank, ranks_per_group = layout
+    group_ranks = None
+    if ranks_per_group > 1:
+        for first in range(0, world_size, ranks_per_group):  # all ranks create all groups, in order
+            ranks = tuple(range(first, first + ranks_per_group))
+            _GHOST_BN_GROUPS[ranks] = dist.new_group(list(ranks))
+            if get_rank() in ranks:
+                group_ranks = ranks
+    return _replace_batchnorm(module, lambda bn: GhostBatchNorm(bn, samples_per_rank, group_ranks))
+
+
+def revert_batchnorm(module):
+    """Inverse of convert_batchnorm (in place; returns it): plain nn.BatchNorm1d/2d modules sharing
+    the same parameters and buffers, e.g. before exporting a backbone to other code."""
+    def plain(ghost):
+        bn = ghost.plain_class(ghost.num_features, ghost.eps, ghost.momentum, ghost.affine,
+                               ghost.track_running_stats, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(bn, name, getattr(ghost, name))
+        return bn.train(ghost.training)
+    return _replace_batchnorm(module, plain, (GhostBatchNorm,))
+
+
+def _replace_batchnorm(module, replace, kinds=(nn.BatchNorm1d, nn.BatchNorm2d)):
+    """`module` with every submodule of exactly these types (not subclasses such as SyncBatchNorm)
+    replaced by replace(submodule)."""
+    if type(module) in kinds:
+        return replace(module)
+    for name, child in module.named_children():
+        setattr(module, name, _replace_batchnorm(child, replace, kinds))
+    return module
+
+
 # ---------------------------------------------------------------- memory bank, neighbours, loss
 
 class MemoryBank(nn.Module):
@@ -293,6 +485,63 @@ def purity(neighbour_labels, labels, valid=None):
         return same.mean()
     valid = valid.float()
     return (same * valid).sum() / valid.sum().clamp(min=1)
+
+
+def dataset_relative_paths(dataset):
+    """A name per image that other files can match on: for an ImageFolder the path relative to its
+    split folder with '/' separators ('n01440764/n01440764_10026.JPEG'); for datasets without files
+    (cifar, stl10, synthetic) the index as a string ('0', '1', ...)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and hasattr(dataset, "root"):
+        return [os.path.relpath(path, dataset.root).replace(os.sep, "/") for path, _ in samples]
+    return [str(i) for i in range(len(dataset))]
+
+
+# Diagnostics of the CMSF poster (logged, never trained on); run them on a fixed few rows of the
+# batch at print steps only: each is one search over the whole bank.
+PURITY_KS = (1, 5, 10, 20, 50)
+RANK_BINS = ((1, 1), (2, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101, 1000), (1001, None))
+
+
+@torch.no_grad()
+def ordered_purity_at_ks(neighbour_labels, labels, ks=PURITY_KS, valid=None):
+    """Purity of the first k neighbours of an ordering (B, K), nearest first, for each k <= K:
+    {k: fraction of the valid entries among the first k whose label equals the sample's label}.
+    For constrained neighbours pass their labels and validity in the constrained order."""
+    same = (neighbour_labels == labels.unsqueeze(1)).float()
+    valid = torch.ones_like(same) if valid is None else valid.float()
+    return {k: float((same[:, :k] * valid[:, :k]).sum() / valid[:, :k].sum().clamp(min=1))
+            for k in ks if k <= same.shape[1]}
+
+
+@torch.no_grad()
+def purity_at_ks(target, bank_embeddings, bank_labels, labels, ks=PURITY_KS, search_dtype=None):
+    """Purity of the plain (unconstrained) k nearest neighbours of t in the bank for each k, from
+    one top-max(k) search: {k: purity}. ks above the bank size are left out."""
+    largest = min(max(ks), bank_embeddings.shape[0])
+    _, idx, _ = knn_search(target, bank_embeddings, largest, search_dtype=search_dtype)
+    return ordered_purity_at_ks(bank_labels[idx], labels, ks)
+
+
+@torch.no_grad()
+def rank_histogram(target, bank_embeddings, slots, valid=None, bins=RANK_BINS, chunk_size=65536):
+    """Where the (constrained) neighbours `slots` (B, k) of t lie in the plain ordering of the whole
+    bank by similarity to t: rank = 1 + the number of bank entries strictly more similar (1 = the
+    nearest). Returns {"1": count, "2-5": count, ..., ">1000": count} over the valid entries.
+    One B x M pass; the neighbours' own scores come from the same matmul, so ties cannot push a
+    neighbour below itself."""
+    chunks = bank_embeddings.split(chunk_size)
+    sims = torch.cat([target.float() @ chunk.float().T for chunk in chunks], dim=1)  # (B, M)
+    neighbour_sims = sims.gather(1, slots)  # (B, k)
+    ranks = 1 + torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1)
+                             for j in range(slots.shape[1])], dim=1)
+    ranks = ranks[valid] if valid is not None else ranks.reshape(-1)
+    histogram = {}
+    for low, high in bins:
+        name = f">{low - 1}" if high is None else (str(low) if low == high else f"{low}-{high}")
+        inside = (ranks >= low) if high is None else (ranks >= low) & (ranks <= high)
+        histogram[name] = int(inside.sum())
+    return histogram
 
 
 # ---------------------------------------------------------------- distributed

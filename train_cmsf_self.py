@@ -224,6 +224,79 @@ def complete_constrained(constrained, constrained_valid, constrained_rows, uncon
     return slots, valid
 
 
+def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
+    """Read --constraint-embeddings FILE: one embedding per training image from another modality or
+    model, matched to the dataset by name. The file is a torch.save'd dict, loaded with
+    weights_only=True:
+        {"paths": [n names: common.dataset_relative_paths of the training set, e.g.
+                   'n01440764/n01440764_10026.JPEG' (relative to the train/ folder), or '0', '1', ...
+                   (the dataset index) for datasets without files],
+         "embeddings": n x D floating tensor (any D, any scale: rows are L2-normalised here)}
+    tools/write_embeddings.py writes one from a checkpoint. Returns (embeddings (N, D) `dtype`, unit
+    rows in dataset order, zeros where missing; has_embedding (N,) bool). Images missing from the file
+    fall back to plain MSF; extra names in the file are ignored."""
+    def fail(problem):
+        raise common.UsageError(f"--constraint-embeddings {path}: {problem}")
+
+    if not os.path.isfile(path):
+        fail("no such file; write one with tools/write_embeddings.py")
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or foreign files
+        fail(f"cannot be read ({type(e).__name__}); write it with torch.save, e.g. by "
+             "tools/write_embeddings.py")
+    if not isinstance(contents, dict) or not {"paths", "embeddings"} <= set(contents):
+        fail("must hold a dict {'paths': [names], 'embeddings': N x D tensor} (see "
+             "tools/write_embeddings.py)")
+    names, embeddings = contents["paths"], contents["embeddings"]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        fail("'paths' must be a list of strings (image paths relative to the training folder)")
+    if (not torch.is_tensor(embeddings) or embeddings.dim() != 2 or not embeddings.is_floating_point()
+            or embeddings.shape[0] != len(names) or embeddings.shape[1] == 0):
+        shape = tuple(embeddings.shape) if torch.is_tensor(embeddings) else type(embeddings).__name__
+        fail(f"'embeddings' must be a floating tensor of {len(names)} x D (one row per path), "
+             f"found {shape}")
+    if len(set(names)) != len(names):
+        fail("'paths' lists some images twice; keep one embedding per image")
+    embeddings = embeddings.float()
+    bad = ~torch.isfinite(embeddings).all(dim=1) | (embeddings.norm(dim=1) == 0)
+    if bad.any():
+        first = names[int(bad.nonzero()[0])]
+        fail(f"{int(bad.sum())} embeddings are non-finite or zero (first: {first}); recompute them")
+    row_of_name = {os.path.normpath(n).replace(os.sep, "/"): i for i, n in enumerate(names)}
+    rows = torch.tensor([row_of_name.get(os.path.normpath(p).replace(os.sep, "/"), -1)
+                         for p in relative_paths], dtype=torch.long)
+    has_embedding = rows >= 0
+    if not has_embedding.any():
+        fail(f"none of its {len(names)} paths names a training image (file: {names[:1]}, dataset: "
+             f"{list(relative_paths[:1])}); use paths relative to the training folder")
+    result = torch.zeros(len(relative_paths), embeddings.shape[1], dtype=dtype)
+    result[has_embedding] = F.normalize(embeddings[rows[has_embedding]], dim=1).to(dtype)
+    return result, has_embedding
+
+
+@torch.no_grad()
+def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_embedding, k, k_prime,
+                           search_dtype=None):
+    """The cross-modal constraint, the 2Q search with other-modality embeddings in place of the
+    previous visit: C = the k' nearest neighbours of the image's other-modality embedding among the
+    other-modality embeddings of the images now in the bank (found through the bank's dataset
+    indices; empty slots, index -1, and images without an embedding are never in C); the
+    constrained neighbours are the min(k, k') members of C most similar to t. The image itself is in
+    the bank (enqueued first), so it is in C. Rows without an embedding (has_embedding[indices]
+    False) are the ones complete_constrained gives plain MSF. Gathers an M x D copy of the keys each
+    step (store other_embeddings in half precision to halve it).
+    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')), validity),
+    as two_queue_constraint."""
+    import types
+    slot_images = memory_bank.indices.clamp(min=0)
+    slot_has_embedding = (memory_bank.indices >= 0) & has_embedding[slot_images]
+    other_bank = types.SimpleNamespace(embeddings=other_embeddings[slot_images],  # (M, D)
+                                       labels=torch.where(slot_has_embedding, 0, -1))
+    return two_queue_constraint(target, other_embeddings[indices].float(), memory_bank, other_bank, k,
+                                k_prime, search_dtype)
+
+
 @torch.no_grad()
 def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store, cluster_of_image,
                                 constraint, k, k_prime, search_dtype):
