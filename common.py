@@ -717,10 +717,10 @@ def apply_colour_pil(image, params):
 
 def normalized_tensor(image):
     """PIL RGB -> float32 (3, H, W), ImageNet-normalized (ToTensor + Normalize in one pass)."""
-    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # uint8: cheap to move
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    return ((pixels.float() - mean) / std).contiguous()
+    return (pixels.float() - mean) / std
 
 
 # Layout of the per-view parameter vector a loader worker ships for the two-stage path.
