@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -640,14 +640,54 @@ def reduce_mean(value):
 
 # ---------------------------------------------------------------- data
 
+def _to_8bit(pixels):
+    """float or integer grey levels -> uint8, scaled by their range: 16-bit data by 0..65535 and
+    float data in [0, 1] by 0..1 (their natural ranges), anything else from its min to its max."""
+    pixels = pixels.astype(np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if low >= 0 and high <= 1 and pixels.dtype.kind == "f" and high > 0:
+        low, high = 0.0, 1.0
+    elif low >= 0 and high <= 65535 and high > 255:
+        low, high = 0.0, 65535.0
+    elif low >= 0 and high <= 255:
+        low, high = 0.0, 255.0
+    scale = 255.0 / max(high - low, 1e-12)
+    return np.clip((pixels - low) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. 16-bit (I;16*), 32-bit (I) and float (F) images are scaled to 8 bits by
+    their range (PIL's own convert clips them, so most pixels turn white); images with transparency
+    (RGBA, LA, PA, P with a transparent colour) are composited on white, since the colour under a
+    transparent pixel is arbitrary; CMYK, YCbCr, 1, L and P go through PIL's convert."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey = np.asarray(image)
+        grey = grey.astype(grey.dtype.newbyteorder("=")) if grey.dtype.byteorder == ">" else grey
+        if image.mode == "F":
+            grey = grey.astype(np.float64)
+        return Image.fromarray(_to_8bit(grey), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_rgb_image(path):
     """PIL loader that names the file when it cannot be read (a corrupt JPEG in a 1.28M-image folder
-    should cost one line to find, not a traceback from inside a worker)."""
+    should cost one line to find, not a traceback from inside a worker). Every PIL mode comes out as
+    RGB (see to_rgb)."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            image.load()
+            return to_rgb(image)
     except Exception as e:  # PIL raises many types for broken files
-        raise UsageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from None
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"cannot read image {path} ({type(e).__name__}: {reason}); "
+                         "remove or replace the file") from None
 
 
 SYNTHETIC_SPLIT_IDS = {"train": 0, "val": 1}
@@ -831,7 +871,9 @@ class IndexedDataset(torch.utils.data.Dataset):
         if seed is None:
             return self.transform(image), label, index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed also queues a CUDA re-seed, and recording its
+            # call stack costs ~1 ms per image in a loader worker; the CPU draws are the same
+            torch.default_generator.manual_seed(seed)
             views = self.transform(image)
         return views, label, index
 
@@ -886,29 +928,125 @@ def _normalize():
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def weak_augmentation(image_size, scale=(0.2, 1.0)):
+# Augmentation parameters, MoCo v2 / the paper: ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8,
+# RandomGrayscale(0.2), Gaussian blur with sigma uniform in [0.1, 2] with p 0.5, horizontal flip.
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))  # brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
+BLUR_SIGMA = (0.1, 2.0)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op ids
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def blur_kernel_size(image_size):
+    """~10 % of the image side, odd (23 px at 224), as in BYOL/SimCLR."""
+    return 2 * max(1, round(0.05 * image_size)) + 1
+
+
+def draw_view_params(image, crop_scale, strong):
+    """All random numbers of one view, drawn from torch's global generator in exactly the order of
+    torchvision's Compose([RandomResizedCrop, RandomApply([ColorJitter]), RandomGrayscale,
+    RandomApply([GaussianBlur]), RandomHorizontalFlip]) (or crop + flip for the weak view), so
+    that the seeded per-image generator of IndexedDataset gives the same crops and colours as ever.
+    Only the size of `image` (PIL) is read. Returns a dict of Python numbers."""
+    top, left, crop_h, crop_w = transforms.RandomResizedCrop.get_params(image, crop_scale, CROP_RATIO)
+    params = dict(box=(left, top, left + crop_w, top + crop_h), jitter=False, order=(0, 1, 2, 3),
+                  factors=(1.0, 1.0, 1.0, 0.0), grayscale=False, sigma=0.0)
+    if strong:
+        if not JITTER_P < torch.rand(1):  # RandomApply: skipped when p < u
+            params["jitter"] = True
+            params["order"] = tuple(torch.randperm(4).tolist())
+            params["factors"] = tuple(float(torch.empty(1).uniform_(low, high)) for low, high in JITTER_RANGES)
+        params["grayscale"] = bool(torch.rand(1) < GRAYSCALE_P)
+        if not BLUR_P < torch.rand(1):
+            params["sigma"] = torch.empty(1).uniform_(*BLUR_SIGMA).item()
+    params["flip"] = bool(torch.rand(1) < FLIP_P)
+    return params
+
+
+def apply_colour_pil(image, params):
+    """The per-image (loader) path of jitter -> grayscale -> blur on a PIL image: torchvision's PIL
+    ops, and PIL's own Gaussian blur (MoCo v2's; ~13x faster than torchvision's 23-tap blur on PIL)."""
+    if params["jitter"]:
+        pil = transforms.functional
+        adjust = (pil.adjust_brightness, pil.adjust_contrast, pil.adjust_saturation, pil.adjust_hue)
+        for op in params["order"]:
+            image = adjust[op](image, params["factors"][op])
+    if params["grayscale"]:
+        image = image.convert("L").convert("RGB")
+    if params["sigma"] > 0:
+        image = image.filter(ImageFilter.GaussianBlur(radius=params["sigma"]))
+    return image
+
+
+def normalized_tensor(image):
+    """PIL RGB -> float32 (3, H, W), ImageNet-normalized (ToTensor + Normalize in one pass)."""
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # uint8: cheap to move
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    return (pixels.float() - mean) / std
+
+
+# Layout of the per-view parameter vector a loader worker ships for the two-stage path.
+PARAM_JITTER, PARAM_ORDER, PARAM_FACTORS, PARAM_GRAYSCALE, PARAM_SIGMA = 0, slice(1, 5), slice(5, 9), 9, 10
+
+
+def view_payload(view, params):
+    """What a loader worker ships for the two-stage path: the crop as uint8 (H, W, 3) (stacked, it
+    is a channels_last batch for free) and the colour parameters as one float64 vector (one tensor,
+    not six: building small tensors is a visible part of the worker's time)."""
+    vector = np.empty(11)
+    vector[PARAM_JITTER], vector[PARAM_ORDER], vector[PARAM_FACTORS] = params["jitter"], params["order"], params["factors"]
+    vector[PARAM_GRAYSCALE], vector[PARAM_SIGMA] = params["grayscale"], params["sigma"]
+    return {"pixels": torch.from_numpy(np.array(view)), "params": torch.from_numpy(vector)}
+
+
+class ViewAugmentation:
+    """One augmented view of a PIL image: random resized crop (bilinear, as torchvision), then for a
+    strong view MoCo v2's colour jitter / grayscale / blur, and a horizontal flip.
+
+    on_device=False: the whole view on the loader's CPU, returns a normalized float (3, H, W).
+    on_device=True: the loader only crops and flips (flipping first is exact: every colour op and the
+    symmetric reflect-padded blur commute with a flip) and returns view_payload; prepare_views does
+    the rest batched on the training device. Both draw the same numbers (draw_view_params)."""
+
+    def __init__(self, image_size, scale=(0.2, 1.0), strong=False, on_device=False):
+        self.image_size, self.scale, self.strong, self.on_device = image_size, scale, strong, on_device
+
+    def __call__(self, image):
+        params = draw_view_params(image, self.scale, self.strong)
+        # one resampling from the crop box: the same pixels as crop() + resize(), without the copy
+        view = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=params["box"])
+        if self.on_device:
+            return view_payload(view.transpose(Image.FLIP_LEFT_RIGHT) if params["flip"] else view, params)
+        if self.strong:
+            view = apply_colour_pil(view, params)
+        if params["flip"]:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        return normalized_tensor(view)
+
+    def __repr__(self):
+        kind = "strong" if self.strong else "weak"
+        return (f"ViewAugmentation({kind}, size={self.image_size}, scale={self.scale}, "
+                f"on_device={self.on_device})")
+
+
+def weak_augmentation(image_size, scale=(0.2, 1.0), on_device=False):
     """Random resized crop + horizontal flip (the 'weak' target view of MSF w/s)."""
-    return transforms.Compose([transforms.RandomResizedCrop(image_size, scale=scale),
-                               transforms.RandomHorizontalFlip(), *_normalize()])
+    return ViewAugmentation(image_size, scale, strong=False, on_device=on_device)
 
 
-def strong_augmentation(image_size, scale=(0.2, 1.0)):
+def strong_augmentation(image_size, scale=(0.2, 1.0), on_device=False):
     """MoCo v2: crop, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur sigma in [0.1, 2] (p 0.5),
-    flip. The blur kernel is ~10 % of the image side (23 px at 224), as in BYOL/SimCLR."""
-    kernel_size = 2 * max(1, round(0.05 * image_size)) + 1
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=scale),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([transforms.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=0.5),
-        transforms.RandomHorizontalFlip(), *_normalize()])
+    flip. On the device the blur kernel is ~10 % of the image side (23 px at 224), as in BYOL/SimCLR."""
+    return ViewAugmentation(image_size, scale, strong=True, on_device=on_device)
 
 
 AUGMENTATIONS = ("weak/strong", "strong/strong", "weak/weak", "strong/weak")
 
 
 class MultiViewTransform:
-    """Applies each transform to the same image: [target view, query view, extra query crops...]."""
+    """Applies each transform to the same image (decoded once): [target view, query view, extra
+    query crops...]."""
 
     def __init__(self, view_transforms):
         self.view_transforms = view_transforms
@@ -917,13 +1055,142 @@ class MultiViewTransform:
         return [t(image) for t in self.view_transforms]
 
 
-def two_view_transform(augmentation, image_size):
-    """`augmentation` is 'target/query', e.g. weak/strong (the paper's MSF w/s default)."""
+def two_view_transform(augmentation, image_size, on_device=False):
+    """`augmentation` is 'target/query', e.g. weak/strong (the paper's MSF w/s default).
+    on_device=True: the two-stage pipeline (see ViewAugmentation); pass the batches to prepare_views."""
     if augmentation not in AUGMENTATIONS:
         raise UsageError(f"unknown --augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
     target_name, query_name = augmentation.split("/")
     make = {"weak": weak_augmentation, "strong": strong_augmentation}
-    return MultiViewTransform([make[target_name](image_size), make[query_name](image_size)])
+    return MultiViewTransform([make[target_name](image_size, on_device=on_device),
+                               make[query_name](image_size, on_device=on_device)])
+
+
+# ---- the device half of the two-stage pipeline: batched ops on float (B, 3, H, W) in [0, 1] with
+# the semantics of torchvision's tensor ops (F.adjust_*, rgb_to_grayscale, gaussian_blur).
+
+def grey_of(images):
+    """Luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
+
+
+def adjust_brightness(images, factor):
+    return (images * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(images, factor):
+    """Blend with the image's mean grey level."""
+    mean = grey_of(images).mean(dim=(1, 2, 3), keepdim=True)
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(images, factor):
+    """Blend with the grey version of each pixel."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * grey_of(images)).clamp(0, 1)
+
+
+def adjust_hue(images, shift):
+    """Rotate the hue by `shift` turns (in [-0.5, 0.5]) in HSV space, per image."""
+    red, green, blue = images.unbind(1)
+    value, _ = images.max(dim=1)
+    chroma = value - images.min(dim=1).values
+    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
+    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(value == red, (green - blue) / safe_chroma,
+                      torch.where(value == green, 2 + (blue - red) / safe_chroma,
+                                  4 + (red - green) / safe_chroma))
+    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))  # grey pixels: hue 0 (irrelevant)
+    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB: channel n (R: 5, G: 3, B: 1) = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + hue * 6) % 6
+        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, dim=1)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's ids
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """Separable Gaussian blur with a per-image sigma (B,), reflect padding and torchvision's kernel
+    (taps at -k//2 .. k//2, normalized to sum 1); one grouped convolution per direction."""
+    batch, channels, height, width = images.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1).float()) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    planes = F.pad(images.reshape(1, batch * channels, height, width), (half, half, half, half),
+                   mode="reflect")
+    planes = F.conv2d(planes, kernel.view(-1, 1, 1, kernel_size).to(images.dtype), groups=batch * channels)
+    planes = F.conv2d(planes, kernel.view(-1, 1, kernel_size, 1).to(images.dtype), groups=batch * channels)
+    return planes.view(batch, channels, height, width)
+
+
+def _rows(mask, device):
+    """Indices of the True rows of a CPU mask, on `device` (computed on the CPU: no device sync)."""
+    rows = torch.nonzero(mask).flatten()
+    return rows, rows.to(device, non_blocking=True)
+
+
+def augment_on_device(payload, device, dtype=torch.float32):
+    """The device half of the two-stage pipeline for one view of a batch (a collated view_payload):
+    colour jitter in each image's random op order, grayscale, blur, ImageNet normalization.
+    Each op runs once on exactly the images that use it, gathered by index."""
+    images = payload["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+    params = payload["params"].cpu()
+    jitter, order, factors = params[:, PARAM_JITTER] > 0, params[:, PARAM_ORDER].long(), params[:, PARAM_FACTORS]
+    for step in range(4):
+        for op, adjust in enumerate(JITTER_OPS):
+            rows, rows_on_device = _rows(jitter & (order[:, step] == op), device)
+            if len(rows):
+                factor = factors[rows, op].float().to(device, non_blocking=True)
+                images.index_copy_(0, rows_on_device, adjust(images.index_select(0, rows_on_device), factor))
+    rows, rows_on_device = _rows(params[:, PARAM_GRAYSCALE] > 0, device)
+    if len(rows):
+        grey = grey_of(images.index_select(0, rows_on_device)).expand(-1, 3, -1, -1)
+        images.index_copy_(0, rows_on_device, grey)
+    sigma = params[:, PARAM_SIGMA]
+    rows, rows_on_device = _rows(sigma > 0, device)
+    if len(rows):
+        blurred = gaussian_blur(images.index_select(0, rows_on_device),
+                                sigma[rows].float().to(device, non_blocking=True),
+                                blur_kernel_size(images.shape[-1]))
+        images.index_copy_(0, rows_on_device, blurred)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(dtype)
+
+
+def prepare_views(views, device, channels_last, dtype=torch.float32):
+    """What the DataLoader yields as `views` (one entry per view: a normalized float batch from the
+    per-image path, or a collated view_payload from the two-stage path) -> float batches on `device`,
+    augmented and normalized, in `dtype`, channels_last if asked. Copies are non_blocking."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    prepared = []
+    for view in views:
+        if isinstance(view, dict):
+            view = augment_on_device(view, device, dtype)
+        else:
+            view = view.to(device, non_blocking=True).to(dtype)
+        prepared.append(view.contiguous(memory_format=memory_format))
+    return prepared
+
+
+AUGMENT_ON_CHOICES = ("auto", "loader", "device")
+
+
+def resolve_on_device(choice, device):
+    """--augment-on {auto,loader,device} -> on_device for two_view_transform / *_augmentation.
+    auto: the device on CUDA (the loader workers then only decode and crop); the loader on a CPU,
+    where the per-image PIL path costs less CPU time than the batched float ops (see bench_loader)."""
+    if choice not in AUGMENT_ON_CHOICES:
+        raise UsageError(f"--augment-on {choice!r} is unknown; choose one of {', '.join(AUGMENT_ON_CHOICES)}")
+    if choice == "auto":
+        return torch.device(device).type == "cuda"
+    return choice == "device"
 
 
 def eval_transform(image_size):
