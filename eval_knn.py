@@ -1,6 +1,6 @@
 """k-NN evaluation of a frozen backbone: classify each val image by its nearest train images.
 
-Protocol (SPEC §5): train and val images Resize(256) + CenterCrop(224) (scaled by 256/224 for other
+Protocol (the authors'): train and val images Resize(256) + CenterCrop(224) (scaled by 256/224 for other
 --image-size), pooled features of the frozen backbone in eval mode, L2-normalised. For each k in --k:
   majority vote   the most frequent label among the k nearest train images (cosine similarity); a tie
                   between classes goes to the tied class of the nearest neighbour (deterministic;

@@ -1,4 +1,4 @@
-"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol, SPEC §5).
+"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol).
 
 The backbone is frozen and in eval mode (BatchNorm uses its running statistics). The head is
   L2-normalise -> fixed standardisation -> Linear,

@@ -9,7 +9,7 @@ labeled target embeddings) when its softmax confidence is >= --threshold, else n
 fall back to unconstrained MSF. loss = mean over the k nearest (same-label) entries of dist(q, z_j).
 
 Rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 10, M = 128K, weak/strong; top-1 of the linear
-head trained on the labeled subset, SPEC §4-5):
+head trained on the labeled subset):
   10 % labels, CMSF (pseudo), fp32    69.9   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt \\
                                                  --amp none
   10 % labels, CMSF (pseudo), mixed   70.5   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt
@@ -20,7 +20,7 @@ head trained on the labeled subset, SPEC §4-5):
 The 1 % / 10 % lists are the standard SimCLR subset files (one file name per line, n01440764_10026.JPEG).
 Mixed precision is the GPU default (bf16). We read "68.6" as CMSF without pseudo-labels (only labeled
 images constrained): a threshold above 1 gives that, as no prediction is ever that confident. The MSF
-row's exact setting is not in SPEC.md; the command above is our closest match.
+row's exact setting is not published; the command above is our closest match.
 Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_semi.py ...  (--batch-size is the global batch).
 """
 import argparse

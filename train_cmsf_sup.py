@@ -8,7 +8,7 @@ t of dist(q, z_j). The search still picks the nearest within the class, so a few
 class only add a few far-away candidates (robustness to label noise). `--topk 0` ("top-all") pulls q
 towards every same-label entry in the bank.
 
-Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). SPEC.md and the posters give
+Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). The papers and posters give
 no numbers for these rows (the CMSF poster shows a figure only: "relatively robust to label noise"):
   supervised, k = 10      python train_cmsf_sup.py --data /imagenet
   supervised, top-all     python train_cmsf_sup.py --data /imagenet --topk 0

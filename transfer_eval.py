@@ -1,6 +1,6 @@
 """Transfer evaluation on 10 datasets: L2-regularised logistic regression on frozen features.
 
-Protocol (SPEC §5, as in the MSF paper, following Kornblith et al. 2019): images resized to 224
+Protocol (as in the MSF paper, following Kornblith et al. 2019): images resized to 224
 (bicubic) and center-cropped, no augmentation; pooled features of the frozen backbone (eval mode);
 features standardised with the training set's statistics; multinomial logistic regression with an
 L2 penalty fitted by full-batch L-BFGS; the penalty is chosen among 45 values log-spaced in

@@ -1,4 +1,4 @@
-"""eval_knn.py (SPEC §5): majority (with its tie-break) and weighted votes against a brute-force float64
+"""eval_knn.py: majority (with its tie-break) and weighted votes against a brute-force float64
 reference, chunked = unchunked search, DDP feature extraction order, and the script end to end."""
 import json
 import os
