@@ -66,50 +66,6 @@ def get_args_parser():
     return p
 
 
-# ---------------------------------------------------------------- votes
-
-def majority_vote(neighbour_labels, num_classes):
-    """Most frequent label among the neighbours (B, k), sorted nearest first. Ties between classes go
-    to the tied class that appears first in the list, i.e. the class of the nearest tied neighbour."""
-    counts = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
-    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=counts.dtype))
-    is_top = counts == counts.max(dim=1, keepdim=True).values
-    neighbour_is_top = is_top.gather(1, neighbour_labels)
-    first_top = neighbour_is_top.float().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    return neighbour_labels.gather(1, first_top).squeeze(1)
-
-
-def weighted_vote(neighbour_sims, neighbour_labels, num_classes, temperature):
-    """DINO's vote: class score = sum over neighbours of exp(cosine similarity / T)."""
-    weights = (neighbour_sims.float() / temperature).exp()
-    scores = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
-    scores.scatter_add_(1, neighbour_labels, weights)
-    return scores.argmax(dim=1)
-
-
-@torch.no_grad()
-def knn_predict(train_features, train_labels, query_features, ks, num_classes, temperature=0.07,
-                train_chunk_size=65536, query_chunk_size=1024, print_freq=0):
-    """Predictions {k: (majority (Q,), weighted (Q,))} for unit-norm features. One search for the
-    largest k serves all k (neighbours come sorted by similarity). Score blocks are at most
-    query_chunk_size x train_chunk_size; on float16 GPU features the matmul runs in float16."""
-    max_k = max(ks)
-    search_dtype = train_features.dtype if train_features.is_cuda else torch.float32
-    predictions = {k: ([], []) for k in ks}
-    num_chunks = -(-query_features.shape[0] // query_chunk_size)
-    for chunk, start in enumerate(range(0, query_features.shape[0], query_chunk_size)):
-        queries = query_features[start:start + query_chunk_size]
-        sims, idx, _ = common.knn_search(queries, train_features, max_k, chunk_size=train_chunk_size,
-                                         search_dtype=search_dtype)
-        labels = train_labels[idx]
-        for k in ks:
-            predictions[k][0].append(majority_vote(labels[:, :k], num_classes))
-            predictions[k][1].append(weighted_vote(sims[:, :k], labels[:, :k], num_classes, temperature))
-        if print_freq and ((chunk + 1) % print_freq == 0 or chunk + 1 == num_chunks):
-            print(f"k-NN search [{chunk + 1}/{num_chunks}]", flush=True)
-    return {k: (torch.cat(majority), torch.cat(weighted)) for k, (majority, weighted) in predictions.items()}
-
-
 # ---------------------------------------------------------------- features and cache
 
 def cache_key(args, split):
@@ -192,7 +148,7 @@ def main(args):
     if max(args.k) > train_features.shape[0]:
         raise common.UsageError(f"--k {max(args.k)} exceeds the {train_features.shape[0]} train images; use smaller k")
 
-    predictions = knn_predict(train_features, train_labels, val_features, sorted(set(args.k)), num_classes,
+    predictions = common.knn_predict(train_features, train_labels, val_features, sorted(set(args.k)), num_classes,
                               args.temperature, args.train_chunk_size, args.query_chunk_size,
                               print_freq=args.print_freq)
     accuracy = {k: {"majority_top1": 100 * (majority == val_labels).float().mean().item(),
