@@ -43,7 +43,7 @@ def get_args_parser():
                    "state dict, or released MSF/CMSF checkpoint (absent: random init)")
     p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/ and val/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet of the weights")
@@ -54,14 +54,14 @@ def get_args_parser():
                    help="storage precision of the features (float16 halves memory and cache size)")
     p.add_argument("--train-chunk-size", type=int, default=65536, help="train features per score block")
     p.add_argument("--query-chunk-size", type=int, default=1024, help="val features per score block")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default: <output-dir>/features)")
+    p.add_argument("--cache-dir", default=None, help="feature cache; None: <output-dir>/features")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size of feature extraction")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                   help="mixed precision of feature extraction (default: bf16 on GPU, none on CPU)")
+                   help="mixed precision of feature extraction; None: bf16 on GPU, none on CPU")
     p.add_argument("--output-dir", default="./output/knn", help="knn_results.json and the feature cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (no --weights)")
-    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--print-freq", type=int, default=50, help="batches between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 

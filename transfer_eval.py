@@ -110,7 +110,7 @@ def get_args_parser():
     parser.add_argument("--workers", default=8, type=int, help="data loading workers per process")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                        help="autocast for feature extraction (default bf16 on GPU, none on CPU)")
+                        help="autocast for feature extraction; None: bf16 on GPU, none on CPU")
     parser.add_argument("--print-freq", default=50, type=int, help="batches between extraction progress lines")
     parser.add_argument("--seed", default=0, type=int, help="seed of the random val/train/test splits")
     parser.add_argument("--wd-grid-size", default=45, type=int,

@@ -47,7 +47,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         "slurm/submit.py", usage="python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]",
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1,
                    help="one task per GPU; 0 = a CPU job (gloo) with --tasks-per-node tasks per node")
     p.add_argument("--tasks-per-node", type=int, default=None,
@@ -55,12 +55,12 @@ def get_args_parser():
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per process (None: SLURM's default)")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node, GB (None: SLURM's default)")
     p.add_argument("--time", type=int, default=4320, help="time limit of one run of the job, minutes")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
+    p.add_argument("--partition", default=None, help="SLURM partition; None: the cluster's default")
+    p.add_argument("--account", default=None, help="SLURM account to charge")
+    p.add_argument("--qos", default=None, help="SLURM quality of service")
     p.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
     p.add_argument("--exclude", default=None, help="nodes not to use")
-    p.add_argument("--comment", default=None)
+    p.add_argument("--comment", default=None, help="SLURM job comment")
     p.add_argument("--job-name", default=None, help="None: the script's name")
     p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch parameter, e.g. --slurm-extra mail-type=END (repeatable)")
