@@ -23,7 +23,8 @@ def cmsf_like_records(epochs):
     return [{"epoch": e, "loss": 2 - 0.1 * e, "purity_constrained": 0.3 + 0.02 * e,
              "purity_unconstrained": 0.25 + 0.02 * e, "lr": 0.05 / e, "epoch_seconds": 30.0 + e,
              "data_seconds": 3.0, "knn_top1": 10.0 + e, "knn_top20": 12.0 + e, "knn_seconds": 4.0,
-             "purity_at_k": {"1": 0.9, "5": 0.7, "20": 0.5}, "constrained_rank_hist": [5, 4, 3, 2, 1, e]}
+             "purity_at_ks": {"1": 0.9, "5": 0.7, "20": 0.5}, "constrained_rank_hist": [5, 4, 3, 2, 1, e],
+             "rank_histogram": {"1": 30, "2-5": 12, "6-10": 4, ">1000": e}}
             for e in range(1, epochs + 1)]
 
 
@@ -37,7 +38,7 @@ def test_one_png_per_run(tmp_path):
     run = write_log(tmp_path / "cmsf", cmsf_like_records(6))
     result = run_script(PLOT, run, "--dpi", 50)
     assert result.returncode == 0, result.stderr
-    # 7 panels: loss, purity, k-NN, lr, seconds, purity_at_k, constrained_rank_hist -> 3 x 3 grid
+    # 8 panels: loss, purity, k-NN, lr, seconds, purity_at_ks, two histograms -> 3 x 3 grid
     shape, std, colours = image_stats(run / "log.png")
     assert shape == (round(3 * 3.4 * 50), 3 * 5 * 50, 3)
     assert std > 10 and colours > 20  # drawn, not blank
@@ -55,14 +56,16 @@ def test_panels_only_for_keys_present():
     assert ("purity", "scalar", ["purity_constrained", "purity_unconstrained", "purity"]) in panels
     assert ("k-NN accuracy (%)", "scalar", ["knn_top1", "knn_top20"]) in panels
     assert ("seconds per epoch", "scalar", ["epoch_seconds", "data_seconds", "knn_seconds"]) in panels
-    assert ("purity_at_k", "curve", ["purity_at_k"]) in panels
+    assert ("purity_at_ks", "curve", ["purity_at_ks"]) in panels
     assert ("constrained_rank_hist", "hist", ["constrained_rank_hist"]) in panels
+    assert ("rank_histogram", "hist", ["rank_histogram"]) in panels
     # dict/list entries of other shapes: numbers -> curves, anything else is left out
-    assert plot_logs.as_curve({"1": 0.9, "10": 0.5, "5": 0.7}) == ([1.0, 5.0, 10.0], [0.9, 0.7, 0.5])
-    assert plot_logs.as_curve([[1, 0.9], [5, 0.7]]) == ([1, 5], [0.9, 0.7])
-    assert plot_logs.as_curve([3, 2]) == ([0, 1], [3, 2])
-    assert plot_logs.as_curve({"a": 1}) is None and plot_logs.as_curve(["x"]) is None
-    assert plot_logs.as_curve([]) is None
+    assert plot_logs.as_curve({"1": 0.9, "10": 0.5, "5": 0.7}) == ([1.0, 5.0, 10.0], [0.9, 0.7, 0.5], None)
+    assert plot_logs.as_curve([[1, 0.9], [5, 0.7]]) == ([1, 5], [0.9, 0.7], None)
+    assert plot_logs.as_curve([3, 2]) == ([0, 1], [3, 2], None)
+    assert plot_logs.as_curve({"1": 3, "2-5": 7, ">1000": 0}) == ([0, 1, 2], [3, 7, 0], ["1", "2-5", ">1000"])
+    assert plot_logs.as_curve({"a": "x"}) is None and plot_logs.as_curve(["x"]) is None
+    assert plot_logs.as_curve([]) is None and plot_logs.as_curve({}) is None
 
 
 def test_two_runs_overlaid(tmp_path):

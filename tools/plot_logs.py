@@ -7,8 +7,9 @@ Panels, each only when some run logged its keys: loss (every key with "loss" in 
 (purity, purity_constrained, purity_unconstrained, ...), k-NN accuracy (knn_top1, knn_top20, ...),
 learning rate, seconds (epoch_seconds, data_seconds, knn_seconds, ...), one panel per other number,
 and for dict- or list-valued keys the curve of the last epoch that logged them: purity versus k
-(purity_at_k: {"1": 0.9, "5": 0.8} or [0.9, ...] for k = 1, 2, ...) and histograms (any key with
-"hist" in its name, e.g. constrained_rank_hist: counts per rank bin). Needs matplotlib.
+(purity_at_ks: {"1": 0.9, "5": 0.8} or [0.9, ...] for k = 1, 2, ...) and histograms (any key with
+"hist" in its name: a list of counts, or counts per named bin such as rank_histogram: {"1": 30,
+"2-5": 12, ..., ">1000": 0}). Needs matplotlib.
 """
 import argparse
 import json
@@ -70,17 +71,18 @@ def is_number(value):
 
 
 def as_curve(value):
-    """(x, y) of a dict- or list-valued log entry, or None when it holds no numbers. Dicts: numeric
-    keys sorted as numbers ({"5": 0.8}); lists: [y0, y1, ...] (x = 1, 2, ... for "at_k" keys, else
-    0, 1, ...: the caller decides) or [[x, y], ...] pairs."""
-    if isinstance(value, dict):
-        pairs = []
-        for key, y in value.items():
-            try:
-                pairs.append((float(key), y))
-            except ValueError:
+    """(x, y, tick labels or None) of a dict- or list-valued log entry, or None when it holds no
+    numbers. Dicts with numeric keys: sorted as numbers ({"5": 0.8}); other dicts: categories in their
+    order ({"1": 3, "2-5": 7, ">1000": 0}, a binned histogram); lists: [y0, y1, ...] (x = 0, 1, ...;
+    the caller shifts "at_k" lists to k = 1, 2, ...) or [[x, y], ...] pairs."""
+    if isinstance(value, dict) and value:
+        try:
+            pairs = sorted((float(key), y) for key, y in value.items())
+        except (ValueError, TypeError):  # category names: keep their order, label the ticks
+            ys = list(value.values())
+            if not all(is_number(y) for y in ys):
                 return None
-        pairs.sort()
+            return list(range(len(ys))), ys, [str(key) for key in value]
     elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
         pairs = [tuple(v) for v in value]
     elif isinstance(value, list) and value:
@@ -89,7 +91,7 @@ def as_curve(value):
         return None
     if not all(is_number(x) and is_number(y) for x, y in pairs):
         return None
-    return [x for x, _ in pairs], [y for _, y in pairs]
+    return [x for x, _ in pairs], [y for _, y in pairs], None
 
 
 def panels_of(runs):
@@ -147,7 +149,7 @@ def draw(runs, names, output, dpi):
             last = next((r for r in reversed(records) if as_curve(r.get(keys[0])) is not None), None)
             if last is None:
                 continue
-            x, y = as_curve(last[keys[0]])
+            x, y, ticks = as_curve(last[keys[0]])
             if isinstance(last[keys[0]], list) and not isinstance(last[keys[0]][0], list) and "at_k" in keys[0]:
                 x = [v + 1 for v in x]  # a plain list of purity at k = 1, 2, ...
             label = f"{label_run}epoch {last['epoch']}"
@@ -156,8 +158,12 @@ def draw(runs, names, output, dpi):
                 ax.bar([v - 0.4 + width * (run_index + 0.5) for v in x], y, width=width, color=colour,
                        label=label)
                 ax.set_xlabel("bin")
+                if ticks:
+                    ax.set_xticks(x, ticks, fontsize="small")
             else:
                 ax.plot(x, y, "-o", color=colour, label=label)
+                if ticks:
+                    ax.set_xticks(x, ticks, fontsize="small")
                 ax.set_xlabel("k" if "at_k" in keys[0] else "")
         ax.set_title(title)
         ax.grid(alpha=0.3)
