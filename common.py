@@ -902,10 +902,10 @@ def append_json_log(output_dir, record):
 
 
 def save_args(args, output_dir, script):
-    """args.json (rank 0, written atomically): every argument, the script, and the run's provenance()
-    (git commit, command line, host, SLURM ids, world size, versions). Also prints the provenance as
-    one line, so the first lines of every log say which code ran where. Rewritten at every (re)start:
-    after a requeue it describes the run that is going on now."""
+    """args.json (rank 0, written atomically): every argument, the script, and the run's
+    provenance() (git commit, command line, host, SLURM ids, world size, versions). Also prints the
+    provenance as one line, so the first lines of every log say which code ran where. Rewritten at
+    every (re)start: after a requeue it describes the run that is going on now."""
     if is_main_process():
         record = provenance()
         write_json(os.path.join(output_dir, "args.json"),
@@ -921,19 +921,20 @@ def _git_state(folder):
     such as output/ do not count)."""
     import subprocess
     try:
-        commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        def git(*argv):
+            return subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):  # no git executable, not a checkout, a hung git
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def provenance():
-    """Where this run comes from: git commit and dirty flag of the code (when run from a checkout with
-    git installed), the command line, host, SLURM job / array task ids, world size, and the versions
-    of python, torch, torchvision, numpy and, when present, CUDA, cuDNN and the GPU."""
+    """Where this run comes from: git commit and dirty flag of the code (when run from a checkout
+    with git installed), the command line, host, SLURM job / array task ids, world size, and the
+    versions of python, torch, torchvision, numpy and, when present, CUDA, cuDNN and the GPU."""
     import platform
     import socket
     record = {"command": list(sys.argv), "cwd": os.getcwd(), "host": socket.gethostname(),
@@ -962,8 +963,11 @@ def provenance():
 def provenance_line(record):
     """The provenance of a run in one log line: git commit, host, SLURM ids, processes, versions."""
     git = record.get("git")
-    parts = [f"git {git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}" if git else "git: none",
-             f"host {record['host']}"]
+    if git:
+        parts = [f"git {git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}"]
+    else:
+        parts = ["git: none"]
+    parts.append(f"host {record['host']}")
     slurm = record.get("slurm", {})
     if "job_id" in slurm:
         task = f" task {slurm['array_task_id']}" if "array_task_id" in slurm else ""
@@ -974,27 +978,29 @@ def provenance_line(record):
 
 
 # Every 2 epochs, the default 50,000 + 10,000 monitor images cost 60,000 forward-only passes per
-# 2 x 1.28M training images: 0.6 % of an ImageNet run's time when the GPU bounds it (a training image
-# costs ~4 forwards: online forward + backward, target forward) and 2.3 % when decoding bounds it.
+# 2 x 1.28M training images: 0.6 % of an ImageNet run's time when the GPU bounds it (a training
+# image costs ~4 forwards: online forward + backward, target forward), 2.3 % when decoding does.
 KNN_EVERY_DEFAULT = 2
 
 
 def add_monitor_args(parser):
     """The monitoring flags of the training scripts (the same in all four)."""
     parser.add_argument("--knn-every", type=int, default=KNN_EVERY_DEFAULT,
-                        help="k-NN accuracy of the online backbone every N epochs, on fixed subsets (0: off); "
-                             "the start-up line prints its estimated share of the training time")
+                        help="k-NN accuracy of the online backbone every N epochs, on fixed "
+                             "subsets (0: off); the start-up line prints its estimated share of "
+                             "the training time")
     parser.add_argument("--knn-train-images", type=int, default=50_000,
                         help="train images of the k-NN monitor's database (a fixed seeded subset)")
     parser.add_argument("--knn-val-images", type=int, default=10_000,
                         help="val images the k-NN monitor classifies (a fixed seeded subset)")
     parser.add_argument("--tensorboard", action="store_true",
-                        help="also write the epoch log to <output-dir>/tensorboard (needs tensorboard)")
+                        help="also write the epoch log to <output-dir>/tensorboard "
+                             "(needs tensorboard)")
     return parser
 
 
 def seeded_subset_indices(num_images, subset_size, seed):
-    """A fixed random subset of range(num_images), sorted; all of it when subset_size >= num_images."""
+    """A fixed random sorted subset of range(num_images); all of it if subset_size >= num_images."""
     if subset_size >= num_images:
         return list(range(num_images))
     generator = torch.Generator().manual_seed(seed)
@@ -1005,8 +1011,9 @@ class KnnMonitor:
     """k-NN accuracy of the online backbone during training, on a fixed seeded subset of the val set
     classified against a fixed seeded subset of the train set: the protocol of eval_knn.py (val
     transform, eval mode, L2-normalised pooled features, majority vote with its tie-break, the same
-    knn_predict), only on fewer images. All ranks share the feature extraction (extract_features) and
-    every rank gets the same numbers. The datasets are the base (PIL image, clean label) datasets."""
+    knn_predict), only on fewer images. All ranks share the feature extraction (extract_features)
+    and every rank gets the same numbers. The datasets are the base (PIL image, clean label)
+    ones."""
 
     def __init__(self, train_base, val_base, num_classes, image_size, train_images, val_images,
                  batch_size, workers, device, amp_dtype=None, seed=0, ks=(1, 20), temperature=0.07):
@@ -1015,12 +1022,14 @@ class KnnMonitor:
         self.train_indices = seeded_subset_indices(len(train_base), train_images, seed)
         self.val_indices = seeded_subset_indices(len(val_base), val_images, seed + 1)
         if max(ks) > len(self.train_indices):
-            raise UsageError(f"the k-NN monitor's {len(self.train_indices)} train images are fewer than "
-                             f"k = {max(ks)}; raise --knn-train-images or use --knn-every 0")
-        self.train_set = torch.utils.data.Subset(IndexedDataset(train_base, transform), self.train_indices)
-        self.val_set = torch.utils.data.Subset(IndexedDataset(val_base, transform), self.val_indices)
+            raise UsageError(f"the k-NN monitor's {len(self.train_indices)} train images are fewer "
+                             f"than k = {max(ks)}; raise --knn-train-images or use --knn-every 0")
+        subset = torch.utils.data.Subset
+        self.train_set = subset(IndexedDataset(train_base, transform), self.train_indices)
+        self.val_set = subset(IndexedDataset(val_base, transform), self.val_indices)
         self.num_classes, self.ks, self.temperature = num_classes, tuple(ks), temperature
-        self.batch_size, self.workers, self.device, self.amp_dtype = batch_size, workers, device, amp_dtype
+        self.batch_size, self.workers, self.device = batch_size, workers, device
+        self.amp_dtype = amp_dtype
 
     def cost_line(self, every, train_images_per_epoch):
         """One start-up line: what the monitor does and its estimated share of the training time."""
@@ -1028,27 +1037,29 @@ class KnnMonitor:
         trained = every * train_images_per_epoch
         # a training image costs ~4 backbone forwards (online forward + backward, target forward), a
         # monitored one 1 forward; when data loading bounds both, an image costs about the same
-        low, high = 100 * monitored / (monitored + 4 * trained), 100 * monitored / (monitored + trained)
+        low = 100 * monitored / (monitored + 4 * trained)
+        high = 100 * monitored / (monitored + trained)
         return (f"k-NN monitor every {every} epoch(s): {len(self.val_indices)} val images against "
-                f"{len(self.train_indices)} train images, k = {', '.join(map(str, self.ks))}; about "
-                f"{low:.1f}-{high:.1f} % of the training time")
+                f"{len(self.train_indices)} train images, k = {', '.join(map(str, self.ks))}; "
+                f"about {low:.1f}-{high:.1f} % of the training time")
 
     @torch.no_grad()
     def features(self, backbone, dataset, header):
         # extract_features reads None as "the --amp default"; here None means float32
-        features, labels = extract_features(backbone, dataset, self.batch_size, self.workers, self.device,
-                                            self.amp_dtype or "none", print_freq=10 ** 9, header=header)
+        features, labels = extract_features(backbone, dataset, self.batch_size, self.workers,
+                                            self.device, self.amp_dtype or "none",
+                                            print_freq=10 ** 9, header=header)
         return F.normalize(features, dim=1), labels
 
     def __call__(self, backbone):
-        """({"knn_top1": %, "knn_top20": %, ...} majority-vote accuracy per k, seconds taken). Call it
-        on every rank with the online backbone itself (not a DDP wrapper); it comes back in the mode
-        it was in."""
+        """({"knn_top1": %, "knn_top20": %, ...} majority-vote accuracy per k, seconds taken). Call
+        it on every rank with the online backbone itself (not a DDP wrapper); it comes back in the
+        mode it was in."""
         start = time.time()
-        train_features, train_labels = self.features(backbone, self.train_set, "k-NN monitor, train")
+        train_features, train_labels = self.features(backbone, self.train_set, "k-NN monitor train")
         val_features, val_labels = self.features(backbone, self.val_set, "k-NN monitor, val")
-        predictions = knn_predict(train_features, train_labels, val_features, self.ks, self.num_classes,
-                                  self.temperature)
+        predictions = knn_predict(train_features, train_labels, val_features, self.ks,
+                                  self.num_classes, self.temperature)
         accuracy = {f"knn_top{k}": 100 * (majority == val_labels).float().mean().item()
                     for k, (majority, _) in predictions.items()}
         return accuracy, time.time() - start
@@ -1065,30 +1076,33 @@ def knn_monitor_from_args(args, train_base, num_classes, device):
         val_base, _ = build_dataset(args.dataset, args.data, "val", args.download, args.image_size,
                                     args.synthetic_images)
     except UsageError as e:
-        raise UsageError(f"{e} (the k-NN monitor reads the val split; --knn-every 0 turns it off)") from None
+        raise UsageError(f"{e} (the k-NN monitor reads the val split; --knn-every 0 turns it "
+                         "off)") from None
     return KnnMonitor(train_base, val_base, num_classes, args.image_size, args.knn_train_images,
                       args.knn_val_images, args.batch_size, args.workers, device,
                       amp_dtype=getattr(args, "autocast_dtype", None), seed=args.seed)
 
 
 class TensorboardLogger:
-    """The epoch log (the log.jsonl records) also as TensorBoard scalars in <output_dir>/tensorboard,
-    global step = epoch (1-based, as in log.jsonl); rank 0 writes, other ranks do nothing.
+    """The epoch log (the log.jsonl records) also as TensorBoard scalars in
+    <output_dir>/tensorboard, global step = epoch (1-based, as in log.jsonl); rank 0 writes.
 
-    A resumed run appends to the same folder with purge_step = the first epoch it will log: points an
-    interrupted run wrote for that epoch or later (before its last checkpoint was overtaken) are
-    hidden by TensorBoard instead of doubled. Dict-valued entries become one scalar per key
+    A resumed run appends to the same folder with purge_step = the first epoch it will log: points
+    an interrupted run wrote for that epoch or later (after its last checkpoint) are hidden by
+    TensorBoard instead of doubled. Dict-valued entries become one scalar per key
     ("purity_at_k/5"); lists and strings are skipped."""
 
     def __init__(self, output_dir, start_epoch=0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package; pip install tensorboard") from None
+            raise UsageError("--tensorboard needs the tensorboard package; "
+                             "pip install tensorboard") from None
         self.log_dir = os.path.join(output_dir, "tensorboard")
         self.writer = None
         if is_main_process():
-            self.writer = SummaryWriter(self.log_dir, purge_step=start_epoch + 1 if start_epoch else None)
+            purge_step = start_epoch + 1 if start_epoch else None
+            self.writer = SummaryWriter(self.log_dir, purge_step=purge_step)
 
     def log(self, record):
         if self.writer is None:
@@ -1097,8 +1111,10 @@ class TensorboardLogger:
         for key, value in record.items():
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub_key, number in items:
-                if key != "epoch" and isinstance(number, (int, float)) and not isinstance(number, bool):
-                    self.writer.add_scalar(key if sub_key is None else f"{key}/{sub_key}", number, epoch)
+                if key == "epoch" or type(number) not in (int, float):  # bool, str, list: skipped
+                    continue
+                tag = key if sub_key is None else f"{key}/{sub_key}"
+                self.writer.add_scalar(tag, number, epoch)
         self.writer.flush()
 
     def close(self):

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 
-SCRIPTS = ["train_msf.py", "train_cmsf_self.py", "train_cmsf_semi.py", "train_cmsf_sup.py", "eval_knn.py",
-           "eval_linear.py", "transfer_eval.py", "slurm/submit.py", "tools/plot_logs.py"]
+SCRIPTS = ["train_msf.py", "train_cmsf_self.py", "train_cmsf_semi.py", "train_cmsf_sup.py",
+           "eval_knn.py", "eval_linear.py", "transfer_eval.py", "slurm/submit.py",
+           "tools/plot_logs.py"]
 
 
 def parser_of(script):
@@ -22,7 +23,8 @@ def parser_of(script):
     parser = module.get_args_parser()
     if parser.add_help:  # slurm/submit.py builds its full parser itself
         return parser
-    return argparse.ArgumentParser(parents=[parser], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(parents=[parser],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def test_the_list_is_every_script():
@@ -38,7 +40,8 @@ def test_every_flag_has_help_and_one_default(script):
     assert actions
     missing = [a.option_strings or a.dest for a in actions if not (a.help or "").strip()]
     assert not missing, f"{script}: flags without help: {missing}"
-    repeated = [a.option_strings for a in actions if re.search(r"\(default|default:", a.help, re.IGNORECASE)]
+    repeated = [a.option_strings for a in actions
+                if re.search(r"\(default|default:", a.help, re.IGNORECASE)]
     assert not repeated, f"{script}: help texts that state the default themselves: {repeated}"
     assert parser.format_help()  # also checks that every help text formats (e.g. a bare % sign)
     for action in actions:

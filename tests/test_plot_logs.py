@@ -18,12 +18,13 @@ def write_log(folder, records):
 
 
 def cmsf_like_records(epochs):
-    """Epoch records as train_cmsf_self.py writes them, with a k-NN monitor, data time, purity versus
-    k (a dict) and a constrained-rank histogram (a list)."""
+    """Epoch records as train_cmsf_self.py writes them, with a k-NN monitor, data time, purity
+    versus k (a dict) and rank histograms (a list, and a dict of named bins)."""
     return [{"epoch": e, "loss": 2 - 0.1 * e, "purity_constrained": 0.3 + 0.02 * e,
              "purity_unconstrained": 0.25 + 0.02 * e, "lr": 0.05 / e, "epoch_seconds": 30.0 + e,
              "data_seconds": 3.0, "knn_top1": 10.0 + e, "knn_top20": 12.0 + e, "knn_seconds": 4.0,
-             "purity_at_ks": {"1": 0.9, "5": 0.7, "20": 0.5}, "constrained_rank_hist": [5, 4, 3, 2, 1, e],
+             "purity_at_ks": {"1": 0.9, "5": 0.7, "20": 0.5},
+             "constrained_rank_hist": [5, 4, 3, 2, 1, e],
              "rank_histogram": {"1": 30, "2-5": 12, "6-10": 4, ">1000": e}}
             for e in range(1, epochs + 1)]
 
@@ -50,27 +51,29 @@ def test_panels_only_for_keys_present():
     plot_logs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_logs)
     msf = [{"epoch": 1, "loss": 1.0, "purity": 0.4, "lr": 0.05, "epoch_seconds": 3.0}]
-    assert [title for title, _, _ in plot_logs.panels_of([msf])] == ["loss", "purity", "learning rate",
-                                                                     "seconds per epoch"]
+    titles = [title for title, _, _ in plot_logs.panels_of([msf])]
+    assert titles == ["loss", "purity", "learning rate", "seconds per epoch"]
     panels = plot_logs.panels_of([cmsf_like_records(2), msf])
     assert ("purity", "scalar", ["purity_constrained", "purity_unconstrained", "purity"]) in panels
     assert ("k-NN accuracy (%)", "scalar", ["knn_top1", "knn_top20"]) in panels
-    assert ("seconds per epoch", "scalar", ["epoch_seconds", "data_seconds", "knn_seconds"]) in panels
+    seconds = ["epoch_seconds", "data_seconds", "knn_seconds"]
+    assert ("seconds per epoch", "scalar", seconds) in panels
     assert ("purity_at_ks", "curve", ["purity_at_ks"]) in panels
     assert ("constrained_rank_hist", "hist", ["constrained_rank_hist"]) in panels
     assert ("rank_histogram", "hist", ["rank_histogram"]) in panels
     # dict/list entries of other shapes: numbers -> curves, anything else is left out
-    assert plot_logs.as_curve({"1": 0.9, "10": 0.5, "5": 0.7}) == ([1.0, 5.0, 10.0], [0.9, 0.7, 0.5], None)
+    curve = plot_logs.as_curve
+    assert curve({"1": 0.9, "10": 0.5, "5": 0.7}) == ([1.0, 5.0, 10.0], [0.9, 0.7, 0.5], None)
     assert plot_logs.as_curve([[1, 0.9], [5, 0.7]]) == ([1, 5], [0.9, 0.7], None)
     assert plot_logs.as_curve([3, 2]) == ([0, 1], [3, 2], None)
-    assert plot_logs.as_curve({"1": 3, "2-5": 7, ">1000": 0}) == ([0, 1, 2], [3, 7, 0], ["1", "2-5", ">1000"])
+    assert curve({"1": 3, "2-5": 7, ">1000": 0}) == ([0, 1, 2], [3, 7, 0], ["1", "2-5", ">1000"])
     assert plot_logs.as_curve({"a": "x"}) is None and plot_logs.as_curve(["x"]) is None
     assert plot_logs.as_curve([]) is None and plot_logs.as_curve({}) is None
 
 
 def test_two_runs_overlaid(tmp_path):
-    first = write_log(tmp_path / "msf", [{"epoch": e, "loss": 1.5 - 0.1 * e, "purity": 0.3, "lr": 0.05}
-                                         for e in range(1, 5)])
+    first = write_log(tmp_path / "msf", [{"epoch": e, "loss": 1.5 - 0.1 * e, "purity": 0.3,
+                                          "lr": 0.05} for e in range(1, 5)])
     # a resumed run may log an epoch twice: the later line wins; a cut-off last line is skipped
     second = write_log(tmp_path / "cmsf", cmsf_like_records(3))
     with open(second / "log.jsonl", "a") as f:
@@ -89,7 +92,8 @@ def test_two_runs_overlaid(tmp_path):
 
 def test_bad_input(tmp_path):
     result = run_script(PLOT, tmp_path / "nowhere")
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "log.jsonl" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: ")
+    assert "log.jsonl" in result.stderr
     empty = write_log(tmp_path / "empty", [])
     result = run_script(PLOT, empty)
     assert result.returncode == 2 and "no epoch records" in result.stderr

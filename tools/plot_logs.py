@@ -33,7 +33,7 @@ class UsageError(Exception):
 def get_args_parser():
     p = argparse.ArgumentParser("plot_logs", description=__doc__.split("\n")[0], add_help=False)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="output folders of training runs (each holds log.jsonl), or log.jsonl files")
+                   help="output folders of training runs (holding log.jsonl), or log.jsonl files")
     p.add_argument("-o", "--output", default=None,
                    help="one PNG overlaying all runs; not given: RUN_DIR/log.png for each run")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
@@ -72,9 +72,9 @@ def is_number(value):
 
 def as_curve(value):
     """(x, y, tick labels or None) of a dict- or list-valued log entry, or None when it holds no
-    numbers. Dicts with numeric keys: sorted as numbers ({"5": 0.8}); other dicts: categories in their
-    order ({"1": 3, "2-5": 7, ">1000": 0}, a binned histogram); lists: [y0, y1, ...] (x = 0, 1, ...;
-    the caller shifts "at_k" lists to k = 1, 2, ...) or [[x, y], ...] pairs."""
+    numbers. Dicts with numeric keys: sorted as numbers ({"5": 0.8}); other dicts: categories in
+    their order ({"1": 3, "2-5": 7, ">1000": 0}, a binned histogram); lists: [y0, y1, ...]
+    (x = 0, 1, ...; the caller shifts "at_k" lists to k = 1, 2, ...) or [[x, y], ...] pairs."""
     if isinstance(value, dict) and value:
         try:
             pairs = sorted((float(key), y) for key, y in value.items())
@@ -83,7 +83,8 @@ def as_curve(value):
             if not all(is_number(y) for y in ys):
                 return None
             return list(range(len(ys))), ys, [str(key) for key in value]
-    elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2 for v in value):
+    elif isinstance(value, list) and value and all(isinstance(v, list) and len(v) == 2
+                                                   for v in value):
         pairs = [tuple(v) for v in value]
     elif isinstance(value, list) and value:
         pairs = list(enumerate(value))
@@ -95,8 +96,8 @@ def as_curve(value):
 
 
 def panels_of(runs):
-    """[(title, kind, keys)] for the keys the runs logged; kind "scalar" (per epoch) or "curve"/"hist"
-    (a dict or list: the last epoch's value)."""
+    """[(title, kind, keys)] for the keys the runs logged; kind "scalar" (per epoch) or
+    "curve"/"hist" (a dict or list: the last epoch's value)."""
     scalar_keys, curve_keys = [], []
     for records in runs:
         for record in records:
@@ -146,17 +147,18 @@ def draw(runs, names, output, dpi):
                                 marker="." if len(points) < 30 else None, label=label_run + key)
                 ax.set_xlabel("epoch")
                 continue
-            last = next((r for r in reversed(records) if as_curve(r.get(keys[0])) is not None), None)
+            key = keys[0]
+            last = next((r for r in reversed(records) if as_curve(r.get(key)) is not None), None)
             if last is None:
                 continue
-            x, y, ticks = as_curve(last[keys[0]])
-            if isinstance(last[keys[0]], list) and not isinstance(last[keys[0]][0], list) and "at_k" in keys[0]:
+            x, y, ticks = as_curve(last[key])
+            if isinstance(last[key], list) and not isinstance(last[key][0], list) and "at_k" in key:
                 x = [v + 1 for v in x]  # a plain list of purity at k = 1, 2, ...
             label = f"{label_run}epoch {last['epoch']}"
             if kind == "hist":
                 width = 0.8 / len(runs)
-                ax.bar([v - 0.4 + width * (run_index + 0.5) for v in x], y, width=width, color=colour,
-                       label=label)
+                ax.bar([v - 0.4 + width * (run_index + 0.5) for v in x], y, width=width,
+                       color=colour, label=label)
                 ax.set_xlabel("bin")
                 if ticks:
                     ax.set_xticks(x, ticks, fontsize="small")
@@ -164,7 +166,7 @@ def draw(runs, names, output, dpi):
                 ax.plot(x, y, "-o", color=colour, label=label)
                 if ticks:
                     ax.set_xticks(x, ticks, fontsize="small")
-                ax.set_xlabel("k" if "at_k" in keys[0] else "")
+                ax.set_xlabel("k" if "at_k" in key else "")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -190,12 +192,13 @@ def main(args):
         print(draw(logs, run_names(args.runs), args.output, args.dpi))
         return
     for run, records in zip(args.runs, logs):
-        print(draw([records], run_names([run]), os.path.join(os.path.dirname(log_path(run)), "log.png"),
-                   args.dpi))
+        output = os.path.join(os.path.dirname(log_path(run)), "log.png")
+        print(draw([records], run_names([run]), output, args.dpi))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(parents=[get_args_parser()],
+                                     description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     try:
         main(parser.parse_args())
