@@ -1796,13 +1796,224 @@ def append_json_log(output_dir, record):
 
 
 def save_args(args, output_dir, script):
-    """args.json: every argument plus the versions that produced the run."""
+    """args.json (rank 0, written atomically): every argument, the script, and the run's
+    provenance() (git commit, command line, host, SLURM ids, world size, versions). Also prints the
+    provenance as one line, so the first lines of every log say which code ran where. Rewritten at
+    every (re)start: after a requeue it describes the run that is going on now."""
     if is_main_process():
-        record = dict(args if isinstance(args, dict) else vars(args), script=script, world_size=get_world_size(),
-                      versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                "numpy": np.__version__, "python": sys.version.split()[0]})
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(record, f, indent=2)
+        record = provenance()
+        write_json(os.path.join(output_dir, "args.json"),
+                   dict(args if isinstance(args, dict) else vars(args), script=script, **record))
+        print(provenance_line(record), flush=True)
+
+
+# ---------------------------------------------------------------- monitoring
+
+def _git_state(folder):
+    """(commit, dirty) of the git checkout holding `folder`, or None when git is missing or the code
+    does not run from a checkout. Dirty = a tracked file differs from the commit (untracked outputs
+    such as output/ do not count)."""
+    import subprocess
+    try:
+        def git(*argv):
+            return subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git executable, not a checkout, a hung git
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def provenance():
+    """Where this run comes from: git commit and dirty flag of the code (when run from a checkout
+    with git installed), the command line, host, SLURM job / array task ids, world size, and the
+    versions of python, torch, torchvision, numpy and, when present, CUDA, cuDNN and the GPU."""
+    import platform
+    import socket
+    record = {"command": list(sys.argv), "cwd": os.getcwd(), "host": socket.gethostname(),
+              "world_size": get_world_size()}
+    git = _git_state(os.path.dirname(os.path.abspath(__file__)))
+    if git is not None:
+        record["git"] = git
+    slurm = {name: os.environ[variable] for name, variable in (
+        ("job_id", "SLURM_JOB_ID"), ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+        ("array_task_id", "SLURM_ARRAY_TASK_ID"), ("nodelist", "SLURM_JOB_NODELIST"),
+        ("restart_count", "SLURM_RESTART_COUNT")) if variable in os.environ}
+    if slurm:
+        record["slurm"] = slurm
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": np.__version__}
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    if torch.backends.cudnn.is_available():
+        versions["cudnn"] = torch.backends.cudnn.version()
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name()
+    record["versions"] = versions
+    return record
+
+
+def provenance_line(record):
+    """The provenance of a run in one log line: git commit, host, SLURM ids, processes, versions."""
+    git = record.get("git")
+    if git:
+        parts = [f"git {git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}"]
+    else:
+        parts = ["git: none"]
+    parts.append(f"host {record['host']}")
+    slurm = record.get("slurm", {})
+    if "job_id" in slurm:
+        task = f" task {slurm['array_task_id']}" if "array_task_id" in slurm else ""
+        parts.append(f"SLURM job {slurm['job_id']}{task}")
+    parts.append(f"{record['world_size']} process(es)")
+    parts.append(" ".join(f"{name} {value}" for name, value in record["versions"].items()))
+    return "run: " + ", ".join(parts)
+
+
+# Every 2 epochs, the default 50,000 + 10,000 monitor images cost 60,000 forward-only passes per
+# 2 x 1.28M training images: 0.6 % of an ImageNet run's time when the GPU bounds it (a training
+# image costs ~4 forwards: online forward + backward, target forward), 2.3 % when decoding does.
+KNN_EVERY_DEFAULT = 2
+
+
+def add_monitor_args(parser):
+    """The monitoring flags of the training scripts (the same in all four)."""
+    parser.add_argument("--knn-every", type=int, default=KNN_EVERY_DEFAULT,
+                        help="k-NN accuracy of the online backbone every N epochs, on fixed "
+                             "subsets (0: off); the start-up line prints its estimated share of "
+                             "the training time")
+    parser.add_argument("--knn-train-images", type=int, default=50_000,
+                        help="train images of the k-NN monitor's database (a fixed seeded subset)")
+    parser.add_argument("--knn-val-images", type=int, default=10_000,
+                        help="val images the k-NN monitor classifies (a fixed seeded subset)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write the epoch log to <output-dir>/tensorboard "
+                             "(needs tensorboard)")
+    return parser
+
+
+def seeded_subset_indices(num_images, subset_size, seed):
+    """A fixed random sorted subset of range(num_images); all of it if subset_size >= num_images."""
+    if subset_size >= num_images:
+        return list(range(num_images))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_images, generator=generator)[:subset_size].tolist())
+
+
+class KnnMonitor:
+    """k-NN accuracy of the online backbone during training, on a fixed seeded subset of the val set
+    classified against a fixed seeded subset of the train set: the protocol of eval_knn.py (val
+    transform, eval mode, L2-normalised pooled features, majority vote with its tie-break, the same
+    knn_predict), only on fewer images. All ranks share the feature extraction (extract_features)
+    and every rank gets the same numbers. The datasets are the base (PIL image, clean label)
+    ones."""
+
+    def __init__(self, train_base, val_base, num_classes, image_size, train_images, val_images,
+                 batch_size, workers, device, amp_dtype=None, seed=0, ks=(1, 20), temperature=0.07):
+        """amp_dtype: the training's autocast dtype (None: float32); batch_size: global."""
+        transform = eval_transform(image_size)
+        self.train_indices = seeded_subset_indices(len(train_base), train_images, seed)
+        self.val_indices = seeded_subset_indices(len(val_base), val_images, seed + 1)
+        if max(ks) > len(self.train_indices):
+            raise UsageError(f"the k-NN monitor's {len(self.train_indices)} train images are fewer "
+                             f"than k = {max(ks)}; raise --knn-train-images or use --knn-every 0")
+        subset = torch.utils.data.Subset
+        self.train_set = subset(IndexedDataset(train_base, transform), self.train_indices)
+        self.val_set = subset(IndexedDataset(val_base, transform), self.val_indices)
+        self.num_classes, self.ks, self.temperature = num_classes, tuple(ks), temperature
+        self.batch_size, self.workers, self.device = batch_size, workers, device
+        self.amp_dtype = amp_dtype
+
+    def cost_line(self, every, train_images_per_epoch):
+        """One start-up line: what the monitor does and its estimated share of the training time."""
+        monitored = len(self.train_indices) + len(self.val_indices)
+        trained = every * train_images_per_epoch
+        # a training image costs ~4 backbone forwards (online forward + backward, target forward), a
+        # monitored one 1 forward; when data loading bounds both, an image costs about the same
+        low = 100 * monitored / (monitored + 4 * trained)
+        high = 100 * monitored / (monitored + trained)
+        return (f"k-NN monitor every {every} epoch(s): {len(self.val_indices)} val images against "
+                f"{len(self.train_indices)} train images, k = {', '.join(map(str, self.ks))}; "
+                f"about {low:.1f}-{high:.1f} % of the training time")
+
+    @torch.no_grad()
+    def features(self, backbone, dataset, header):
+        # extract_features reads None as "the --amp default"; here None means float32
+        features, labels = extract_features(backbone, dataset, self.batch_size, self.workers,
+                                            self.device, self.amp_dtype or "none",
+                                            print_freq=10 ** 9, header=header)
+        return F.normalize(features, dim=1), labels
+
+    def __call__(self, backbone):
+        """({"knn_top1": %, "knn_top20": %, ...} majority-vote accuracy per k, seconds taken). Call
+        it on every rank with the online backbone itself (not a DDP wrapper); it comes back in the
+        mode it was in."""
+        start = time.time()
+        train_features, train_labels = self.features(backbone, self.train_set, "k-NN monitor train")
+        val_features, val_labels = self.features(backbone, self.val_set, "k-NN monitor, val")
+        predictions = knn_predict(train_features, train_labels, val_features, self.ks,
+                                  self.num_classes, self.temperature)
+        accuracy = {f"knn_top{k}": 100 * (majority == val_labels).float().mean().item()
+                    for k, (majority, _) in predictions.items()}
+        return accuracy, time.time() - start
+
+
+def knn_monitor_from_args(args, train_base, num_classes, device):
+    """The KnnMonitor of a training script's flags (--knn-every/--knn-train-images/--knn-val-images,
+    the data flags), or None with --knn-every 0. Checks the inputs, so call it before writing."""
+    if args.knn_every < 0 or args.knn_train_images < 1 or args.knn_val_images < 1:
+        raise UsageError("--knn-every must be >= 0 and --knn-train-images, --knn-val-images >= 1")
+    if not args.knn_every:
+        return None
+    try:
+        val_base, _ = build_dataset(args.dataset, args.data, "val", args.download, args.image_size,
+                                    args.synthetic_images)
+    except UsageError as e:
+        raise UsageError(f"{e} (the k-NN monitor reads the val split; --knn-every 0 turns it "
+                         "off)") from None
+    return KnnMonitor(train_base, val_base, num_classes, args.image_size, args.knn_train_images,
+                      args.knn_val_images, args.batch_size, args.workers, device,
+                      amp_dtype=getattr(args, "autocast_dtype", None), seed=args.seed)
+
+
+class TensorboardLogger:
+    """The epoch log (the log.jsonl records) also as TensorBoard scalars in
+    <output_dir>/tensorboard, global step = epoch (1-based, as in log.jsonl); rank 0 writes.
+
+    A resumed run appends to the same folder with purge_step = the first epoch it will log: points
+    an interrupted run wrote for that epoch or later (after its last checkpoint) are hidden by
+    TensorBoard instead of doubled. Dict-valued entries become one scalar per key
+    ("purity_at_k/5"); lists and strings are skipped."""
+
+    def __init__(self, output_dir, start_epoch=0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package; "
+                             "pip install tensorboard") from None
+        self.log_dir = os.path.join(output_dir, "tensorboard")
+        self.writer = None
+        if is_main_process():
+            purge_step = start_epoch + 1 if start_epoch else None
+            self.writer = SummaryWriter(self.log_dir, purge_step=purge_step)
+
+    def log(self, record):
+        if self.writer is None:
+            return
+        epoch = record["epoch"]
+        for key, value in record.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub_key, number in items:
+                if key == "epoch" or type(number) not in (int, float):  # bool, str, list: skipped
+                    continue
+                tag = key if sub_key is None else f"{key}/{sub_key}"
+                self.writer.add_scalar(tag, number, epoch)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def amp_name(dtype):
@@ -1969,3 +2180,45 @@ def extract_features(backbone, dataset, batch_size, workers, device, amp_dtype=N
         dist.all_gather(list(all_labels.split(shard)), labels)
         features, labels = all_features, all_labels
     return features[:num_images], labels[:num_images]
+
+
+def majority_vote(neighbour_labels, num_classes):
+    """Most frequent label among the neighbours (B, k), sorted nearest first. Ties between classes go
+    to the tied class that appears first in the list, i.e. the class of the nearest tied neighbour."""
+    counts = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
+    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=counts.dtype))
+    is_top = counts == counts.max(dim=1, keepdim=True).values
+    neighbour_is_top = is_top.gather(1, neighbour_labels)
+    first_top = neighbour_is_top.float().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    return neighbour_labels.gather(1, first_top).squeeze(1)
+
+
+def weighted_vote(neighbour_sims, neighbour_labels, num_classes, temperature):
+    """DINO's vote: class score = sum over neighbours of exp(cosine similarity / T)."""
+    weights = (neighbour_sims.float() / temperature).exp()
+    scores = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
+    scores.scatter_add_(1, neighbour_labels, weights)
+    return scores.argmax(dim=1)
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, query_features, ks, num_classes, temperature=0.07,
+                train_chunk_size=65536, query_chunk_size=1024, print_freq=0):
+    """Predictions {k: (majority (Q,), weighted (Q,))} for unit-norm features. One search for the
+    largest k serves all k (neighbours come sorted by similarity). Score blocks are at most
+    query_chunk_size x train_chunk_size; on float16 GPU features the matmul runs in float16."""
+    max_k = max(ks)
+    search_dtype = train_features.dtype if train_features.is_cuda else torch.float32
+    predictions = {k: ([], []) for k in ks}
+    num_chunks = -(-query_features.shape[0] // query_chunk_size)
+    for chunk, start in enumerate(range(0, query_features.shape[0], query_chunk_size)):
+        queries = query_features[start:start + query_chunk_size]
+        sims, idx, _ = knn_search(queries, train_features, max_k, chunk_size=train_chunk_size,
+                                         search_dtype=search_dtype)
+        labels = train_labels[idx]
+        for k in ks:
+            predictions[k][0].append(majority_vote(labels[:, :k], num_classes))
+            predictions[k][1].append(weighted_vote(sims[:, :k], labels[:, :k], num_classes, temperature))
+        if print_freq and ((chunk + 1) % print_freq == 0 or chunk + 1 == num_chunks):
+            print(f"k-NN search [{chunk + 1}/{num_chunks}]", flush=True)
+    return {k: (torch.cat(majority), torch.cat(weighted)) for k, (majority, weighted) in predictions.items()}

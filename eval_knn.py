@@ -1,6 +1,6 @@
 """k-NN evaluation of a frozen backbone: classify each val image by its nearest train images.
 
-Protocol (SPEC §5): train and val images Resize(256) + CenterCrop(224) (scaled by 256/224 for other
+Protocol (the authors'): train and val images Resize(256) + CenterCrop(224) (scaled by 256/224 for other
 --image-size), pooled features of the frozen backbone in eval mode, L2-normalised. For each k in --k:
   majority vote   the most frequent label among the k nearest train images (cosine similarity); a tie
                   between classes goes to the tied class of the nearest neighbour (deterministic;
@@ -43,7 +43,7 @@ def get_args_parser():
                    "state dict, or released MSF/CMSF checkpoint (absent: random init)")
     p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/ and val/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet of the weights")
@@ -54,60 +54,16 @@ def get_args_parser():
                    help="storage precision of the features (float16 halves memory and cache size)")
     p.add_argument("--train-chunk-size", type=int, default=65536, help="train features per score block")
     p.add_argument("--query-chunk-size", type=int, default=1024, help="val features per score block")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default: <output-dir>/features)")
+    p.add_argument("--cache-dir", default=None, help="feature cache; None: <output-dir>/features")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size of feature extraction")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                   help="mixed precision of feature extraction (default: bf16 on GPU, none on CPU)")
+                   help="mixed precision of feature extraction; None: bf16 on GPU, none on CPU")
     p.add_argument("--output-dir", default="./output/knn", help="knn_results.json and the feature cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (no --weights)")
-    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--print-freq", type=int, default=50, help="batches between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
-
-
-# ---------------------------------------------------------------- votes
-
-def majority_vote(neighbour_labels, num_classes):
-    """Most frequent label among the neighbours (B, k), sorted nearest first. Ties between classes go
-    to the tied class that appears first in the list, i.e. the class of the nearest tied neighbour."""
-    counts = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
-    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels, dtype=counts.dtype))
-    is_top = counts == counts.max(dim=1, keepdim=True).values
-    neighbour_is_top = is_top.gather(1, neighbour_labels)
-    first_top = neighbour_is_top.float().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    return neighbour_labels.gather(1, first_top).squeeze(1)
-
-
-def weighted_vote(neighbour_sims, neighbour_labels, num_classes, temperature):
-    """DINO's vote: class score = sum over neighbours of exp(cosine similarity / T)."""
-    weights = (neighbour_sims.float() / temperature).exp()
-    scores = torch.zeros(neighbour_labels.shape[0], num_classes, device=neighbour_labels.device)
-    scores.scatter_add_(1, neighbour_labels, weights)
-    return scores.argmax(dim=1)
-
-
-@torch.no_grad()
-def knn_predict(train_features, train_labels, query_features, ks, num_classes, temperature=0.07,
-                train_chunk_size=65536, query_chunk_size=1024, print_freq=0):
-    """Predictions {k: (majority (Q,), weighted (Q,))} for unit-norm features. One search for the
-    largest k serves all k (neighbours come sorted by similarity). Score blocks are at most
-    query_chunk_size x train_chunk_size; on float16 GPU features the matmul runs in float16."""
-    max_k = max(ks)
-    search_dtype = train_features.dtype if train_features.is_cuda else torch.float32
-    predictions = {k: ([], []) for k in ks}
-    num_chunks = -(-query_features.shape[0] // query_chunk_size)
-    for chunk, start in enumerate(range(0, query_features.shape[0], query_chunk_size)):
-        queries = query_features[start:start + query_chunk_size]
-        sims, idx, _ = common.knn_search(queries, train_features, max_k, chunk_size=train_chunk_size,
-                                         search_dtype=search_dtype)
-        labels = train_labels[idx]
-        for k in ks:
-            predictions[k][0].append(majority_vote(labels[:, :k], num_classes))
-            predictions[k][1].append(weighted_vote(sims[:, :k], labels[:, :k], num_classes, temperature))
-        if print_freq and ((chunk + 1) % print_freq == 0 or chunk + 1 == num_chunks):
-            print(f"k-NN search [{chunk + 1}/{num_chunks}]", flush=True)
-    return {k: (torch.cat(majority), torch.cat(weighted)) for k, (majority, weighted) in predictions.items()}
 
 
 # ---------------------------------------------------------------- features and cache
@@ -192,7 +148,7 @@ def main(args):
     if max(args.k) > train_features.shape[0]:
         raise common.UsageError(f"--k {max(args.k)} exceeds the {train_features.shape[0]} train images; use smaller k")
 
-    predictions = knn_predict(train_features, train_labels, val_features, sorted(set(args.k)), num_classes,
+    predictions = common.knn_predict(train_features, train_labels, val_features, sorted(set(args.k)), num_classes,
                               args.temperature, args.train_chunk_size, args.query_chunk_size,
                               print_freq=args.print_freq)
     accuracy = {k: {"majority_top1": 100 * (majority == val_labels).float().mean().item(),

@@ -1,4 +1,4 @@
-"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol, SPEC §5).
+"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol).
 
 The backbone is frozen and in eval mode (BatchNorm uses its running statistics). The head is
   L2-normalise -> fixed standardisation -> Linear,
@@ -49,7 +49,7 @@ def get_args_parser():
                    "state dict, or released MSF/CMSF checkpoint (absent: random init)")
     p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/ and val/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet of the weights")
@@ -58,19 +58,19 @@ def get_args_parser():
                    "subsets, SimCLR format: one file name per line); needs --dataset imagefolder")
     p.add_argument("--cached-features", action="store_true", help="faster approximation: train the head on "
                    "center-crop features extracted once instead of augmented images")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=40, help="epochs of the linear head")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (not scaled with the batch size)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the linear layer")
     p.add_argument("--lr-drops", type=int, nargs="*", default=[15, 30], help="epochs where lr is multiplied by 0.1")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                   help="mixed precision of the backbone forward (default: bf16 on GPU, none on CPU); the head is float32")
+                   help="mixed precision of the backbone forward (the head is float32); None: bf16 on GPU, none on CPU")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     p.add_argument("--output-dir", default="./output/linear", help="checkpoint.pth, log.jsonl, linear_results.json")
-    p.add_argument("--resume", default=None, help="head checkpoint (default: output-dir/checkpoint.pth if present)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--resume", default=None, help="head checkpoint; None: <output-dir>/checkpoint.pth if it exists")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and data order")
+    p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 

@@ -8,7 +8,7 @@ t of dist(q, z_j). The search still picks the nearest within the class, so a few
 class only add a few far-away candidates (robustness to label noise). `--topk 0` ("top-all") pulls q
 towards every same-label entry in the bank.
 
-Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). SPEC.md and the posters give
+Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). The papers and posters give
 no numbers for these rows (the CMSF poster shows a figure only: "relatively robust to label noise"):
   supervised, k = 10      python train_cmsf_sup.py --data /imagenet
   supervised, top-all     python train_cmsf_sup.py --data /imagenet --topk 0
@@ -38,7 +38,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("CMSF-sup", description=__doc__.split("\n")[0], add_help=False)
     p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"])
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--label-noise", type=float, default=0.0,
@@ -50,10 +50,10 @@ def get_args_parser():
                         "training label of every image (imagefolder only)")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
     p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (cosine schedule over them)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
     p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
     p.add_argument("--topk", type=int, default=10,
@@ -66,18 +66,18 @@ def get_args_parser():
     p.add_argument("--augmentation", default="weak/strong", choices=common.AUGMENTATIONS,
                    help="target/query augmentations")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                   help="mixed precision (default: bf16 on GPU, none on CPU)")
+                   help="mixed precision; None: bf16 on GPU, none on CPU")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
     p.add_argument("--output-dir", default="./output/cmsf_sup", help="checkpoints, logs; resumes from here")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output-dir/checkpoint.pth)")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
     p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
     p.add_argument("--checkpoint-minutes", type=float, default=30,
                    help="also save checkpoint.pth every N minutes within an epoch")
     p.add_argument("--stop-after-iters", type=int, default=0,
                    help="save a checkpoint and exit after this many iterations of this run (0: never); "
                         "for fixed time slots")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
+    p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 

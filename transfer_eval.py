@@ -1,6 +1,6 @@
 """Transfer evaluation on 10 datasets: L2-regularised logistic regression on frozen features.
 
-Protocol (SPEC §5, as in the MSF paper, following Kornblith et al. 2019): images resized to 224
+Protocol (as in the MSF paper, following Kornblith et al. 2019): images resized to 224
 (bicubic) and center-cropped, no augmentation; pooled features of the frozen backbone (eval mode);
 features standardised with the training set's statistics; multinomial logistic regression with an
 L2 penalty fitted by full-batch L-BFGS; the penalty is chosen among 45 values log-spaced in
@@ -110,7 +110,7 @@ def get_args_parser():
     parser.add_argument("--workers", default=8, type=int, help="data loading workers per process")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                        help="autocast for feature extraction (default bf16 on GPU, none on CPU)")
+                        help="autocast for feature extraction; None: bf16 on GPU, none on CPU")
     parser.add_argument("--print-freq", default=50, type=int, help="batches between extraction progress lines")
     parser.add_argument("--seed", default=0, type=int, help="seed of the random val/train/test splits")
     parser.add_argument("--wd-grid-size", default=45, type=int,

@@ -47,7 +47,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(
         "slurm/submit.py", usage="python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]",
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1,
                    help="one task per GPU; 0 = a CPU job (gloo) with --tasks-per-node tasks per node")
     p.add_argument("--tasks-per-node", type=int, default=None,
@@ -55,12 +55,12 @@ def get_args_parser():
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per process (None: SLURM's default)")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node, GB (None: SLURM's default)")
     p.add_argument("--time", type=int, default=4320, help="time limit of one run of the job, minutes")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
+    p.add_argument("--partition", default=None, help="SLURM partition; None: the cluster's default")
+    p.add_argument("--account", default=None, help="SLURM account to charge")
+    p.add_argument("--qos", default=None, help="SLURM quality of service")
     p.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
     p.add_argument("--exclude", default=None, help="nodes not to use")
-    p.add_argument("--comment", default=None)
+    p.add_argument("--comment", default=None, help="SLURM job comment")
     p.add_argument("--job-name", default=None, help="None: the script's name")
     p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch parameter, e.g. --slurm-extra mail-type=END (repeatable)")
@@ -110,11 +110,13 @@ class Trainer:
 
     checkpoint() is called by submitit on global rank 0 when SLURM signals the job (after the training
     script saved checkpoint.pth); the job is requeued with the same arguments and the script resumes
-    from <output-dir>/checkpoint.pth."""
+    from <output-dir>/checkpoint.pth. `command` is the submitting command line: the job sets sys.argv
+    to it, so the script's args.json records what the user typed, not submitit's own command."""
 
-    def __init__(self, script_path, args):
+    def __init__(self, script_path, args, command=None):
         self.script_path = script_path
         self.args = args
+        self.command = command
 
     def __call__(self):
         job_env = submitit.JobEnvironment()
@@ -125,6 +127,8 @@ class Trainer:
         # common.init_distributed picks cuda:LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         args = copy.deepcopy(self.args)  # main() adds fields to args; a requeue resubmits the clean ones
+        if getattr(self, "command", None):  # absent in jobs pickled by an older submit.py
+            sys.argv = list(self.command)
         if getattr(args, "output_dir", None):
             args.output_dir = args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.global_rank == 0:
@@ -133,7 +137,8 @@ class Trainer:
         return import_script(self.script_path).main(args)
 
     def checkpoint(self):
-        return submitit.helpers.DelayedSubmission(type(self)(self.script_path, self.args))
+        return submitit.helpers.DelayedSubmission(type(self)(self.script_path, self.args,
+                                                                  getattr(self, "command", None)))
 
 
 class Collector:
@@ -220,6 +225,11 @@ def script_args_of(module, script_path, argv):
     return parser.parse_args(argv)
 
 
+def submit_command(argv):
+    """The submitting command line, for the provenance in the job's args.json."""
+    return [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+
+
 def main(argv=None):
     opts = get_args_parser().parse_args(argv)
     script_path = os.path.abspath(opts.script)
@@ -241,12 +251,12 @@ def main(argv=None):
         raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local to try it here")
     name = opts.job_name or os.path.splitext(os.path.basename(script_path))[0]
     if opts.array:
-        return submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra)
+        return submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra, argv)
 
     if hasattr(args, "output_dir"):
         args.output_dir = os.path.abspath(args.output_dir or job_dir)  # %j is replaced in the job
     executor = make_executor(opts, job_dir, opts.nodes, opts.gpus_per_node, tasks_per_node, opts.time, name, extra)
-    job = executor.submit(Trainer(script_path, args))
+    job = executor.submit(Trainer(script_path, args, submit_command(argv)))
     print(f"submitted job {job.job_id}: {opts.nodes} node(s) x {tasks_per_node} task(s)\n"
           f"  output dir {getattr(args, 'output_dir', '-').replace('%j', str(job.job_id))}\n"
           f"  logs       {job.paths.stdout} (task 0; task N writes _N_log.out)\n"
@@ -257,7 +267,7 @@ def main(argv=None):
     return job
 
 
-def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra):
+def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra, argv=None):
     """One array task per dataset name of --datasets, then the collect step: a job that starts after
     the array ends (SLURM dependency afterany), or with --local this process once the tasks finished."""
     if not (hasattr(module, "collect") and isinstance(getattr(args, "datasets", None), str)):
@@ -273,7 +283,7 @@ def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name,
     for dataset in names:
         task_args = copy.deepcopy(args)
         task_args.datasets = dataset
-        trainers.append(Trainer(script_path, task_args))
+        trainers.append(Trainer(script_path, task_args, submit_command(argv)))
     with executor.batch():
         jobs = [executor.submit(trainer) for trainer in trainers]
     print(f"submitted {len(jobs)} tasks ({', '.join(f'{j.job_id}: {n}' for j, n in zip(jobs, names))})\n"

@@ -14,7 +14,7 @@ One step of the head = given q (online prediction, needs grad), t (target embedd
 batch labels:
   ours:     enqueue t (with labels) into the bank, top-k of t against the bank (common.knn_search:
             exact float32 result), gather the k rows, loss, purity, backward (only B x k x d touches q).
-  upstream: as the authors' step (SPEC section 7): enqueue, clone of the bank AND of the label bank,
+  upstream: as the authors' step (a reimplementation): enqueue, clone of the bank AND of the label bank,
             full fp32 `2 - 2 * einsum` B x M distance matrices for t and for q, top-k on t's, gather
             q's distances, purity from the cloned labels, loss, backward (through the B x M matrix).
   matmul:   one B x M x d matmul (t @ bank.T) at the search precision, the floor for a plain exact
@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 
 def upstream_msf_head(q, t, labels, bank, bank_labels, k):
-    """What the authors' code does each step (written here from SPEC sections 1 and 7)."""
+    """What the authors' code does each step (written here from a reading of their code)."""
     batch, size = t.shape[0], bank.shape[0]
     bank[:batch] = t  # enqueue first: the bank holds t
     bank_labels[:batch] = labels

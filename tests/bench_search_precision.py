@@ -1,5 +1,5 @@
 """Benchmark: how often the bf16 search picks the same neighbours as the exact float32 search, on the
-memory bank of a trained run (issue 6 item 3).
+memory bank of a trained run.
 
 Run directly (not collected by pytest):
   python tests/bench_search_precision.py OUTPUT_DIR/checkpoint.pth [--topk 1 5 10 20]

@@ -1,5 +1,5 @@
-"""train_msf.py from the command line: the outputs of a run on synthetic data, and bad input (issue 2
-item 3): a one-line `error: ...`, exit code 2, and an existing checkpoint left byte-identical."""
+"""train_msf.py from the command line: the outputs of a run on synthetic data, and bad input:
+a one-line `error: ...`, exit code 2, and an existing checkpoint left byte-identical."""
 import json
 import math
 import shutil

@@ -1,4 +1,4 @@
-"""SPEC §4, train_cmsf_semi.py: labeled subsets (SimCLR lists, per-class fractions), the pseudo-labeler
+"""train_cmsf_semi.py: labeled subsets (SimCLR lists, per-class fractions), the pseudo-labeler
 (learns separable clusters, never sees empty cache slots), threshold and unconstrained fallback against
 float64 brute force, and the script on 1 and 2 processes with exact resume."""
 import json

@@ -1,4 +1,4 @@
-"""SPEC §3, train_cmsf_sup.py: the same-label constraint (top-k and top-all) against float64 brute force,
+"""train_cmsf_sup.py: the same-label constraint (top-k and top-all) against float64 brute force,
 noisy labels (exact counts, reproducible, file parsing), and the script on 1 and 2 processes with
 exact resume."""
 import json

@@ -1,4 +1,4 @@
-"""SPEC §1 under DDP (2 CPU processes, gloo): all-gather before enqueue, the cross-rank shuffle-BN, and a
+"""MSF under DDP (2 CPU processes, gloo): all-gather before enqueue, the cross-rank shuffle-BN, and a
 2-process train_msf.py run against a 1-process run with the same global batch."""
 import json
 import os

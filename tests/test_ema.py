@@ -1,4 +1,4 @@
-"""SPEC §1: target <- m target + (1 - m) online on the parameters; the target's BatchNorm buffers are its own."""
+"""MSF EMA: target <- m target + (1 - m) online on the parameters; the target's BatchNorm buffers are its own."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""eval_knn.py (SPEC §5): majority (with its tie-break) and weighted votes against a brute-force float64
+"""eval_knn.py: majority (with its tie-break) and weighted votes against a brute-force float64
 reference, chunked = unchunked search, DDP feature extraction order, and the script end to end."""
 import json
 import os
@@ -45,15 +45,15 @@ def random_problem(seed, num_train=97, num_queries=41, dim=6, num_classes=4):
 def test_majority_vote_tie_break_by_hand():
     neighbour_labels = torch.tensor([[2, 1, 1, 2], [0, 1, 2, 3], [3, 1, 1, 0], [1, 2, 2, 1]])
     # ties: {1, 2} -> nearest is 2; all tied -> nearest 0; clear winner 1; {1, 2} -> nearest is 1
-    assert eval_knn.majority_vote(neighbour_labels, 4).tolist() == [2, 0, 1, 1]
+    assert common.majority_vote(neighbour_labels, 4).tolist() == [2, 0, 1, 1]
 
 
 def test_votes_match_float64_reference_and_chunking_changes_nothing():
     train, train_labels, queries = random_problem(0)
     ks = [1, 4, 10, 20]
-    unchunked = eval_knn.knn_predict(train, train_labels, queries, ks, 4, T, train_chunk_size=10**6,
+    unchunked = common.knn_predict(train, train_labels, queries, ks, 4, T, train_chunk_size=10**6,
                                      query_chunk_size=10**6)
-    chunked = eval_knn.knn_predict(train, train_labels, queries, ks, 4, T, train_chunk_size=7, query_chunk_size=5)
+    chunked = common.knn_predict(train, train_labels, queries, ks, 4, T, train_chunk_size=7, query_chunk_size=5)
     ties_seen = 0
     for k in ks:
         majority, weighted = reference_predictions(train, train_labels, queries, k, 4)
@@ -80,8 +80,8 @@ def test_weighted_vote_by_hand():
     sims = torch.tensor([[0.9, 0.5, 0.5]])
     labels = torch.tensor([[0, 1, 1]])
     # exp(0.9/T) = 3.85e5 > 2 exp(0.5/T) = 2.5e3: one close neighbour beats two far ones
-    assert eval_knn.weighted_vote(sims, labels, 2, T).item() == 0
-    assert eval_knn.majority_vote(labels, 2).item() == 1
+    assert common.weighted_vote(sims, labels, 2, T).item() == 0
+    assert common.majority_vote(labels, 2).item() == 1
 
 
 # ---------------------------------------------------------------- DDP feature extraction

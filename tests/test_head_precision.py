@@ -1,4 +1,4 @@
-"""Issue 6 item 3: the fast head gives the same results. The exact search (search_dtype None / float32)
+"""The fast head gives the same results. The exact search (search_dtype None / float32)
 goes through a bfloat16 prefilter with float32 rescoring where bf16 matmuls are fast (common.knn_search);
 its neighbours and loss must equal a float64 brute force (up to exact ties) on either path."""
 import math

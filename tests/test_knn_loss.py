@@ -1,4 +1,4 @@
-"""SPEC §1 steps 4-6: nearest-neighbour search, the mean-shift loss and purity, against float64 brute force."""
+"""MSF: nearest-neighbour search, the mean-shift loss and purity, against float64 brute force."""
 import math
 
 import pytest

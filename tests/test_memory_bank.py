@@ -1,4 +1,4 @@
-"""SPEC §1 memory bank: FIFO of the last M target embeddings (any M), with labels and dataset indices."""
+"""The MSF memory bank: FIFO of the last M target embeddings (any M), with labels and dataset indices."""
 import pytest
 import torch
 import torch.nn.functional as F
