@@ -544,6 +544,40 @@ def rank_histogram(target, bank_embeddings, slots, valid=None, bins=RANK_BINS, c
     return histogram
 
 
+@torch.no_grad()
+def neighbour_diagnostics(target, labels, bank_embeddings, bank_true_labels, constrained=None,
+                          constrained_valid=None, constraint_size=None, query_labels=None,
+                          key_labels=None, rows=64):
+    """The posters' diagnostics on the first `rows` samples of a batch (call at print steps only:
+    each costs a rows x M pass). `labels`: the samples' true labels; `bank_true_labels`: the true
+    label of every bank slot. Returns flat "group/name" keys (MetricLogger nests them):
+    - purity_at_k/K: purity of the plain K nearest neighbours, K in 1, 5, 10, 20, 50;
+    - purity_constrained_at_k/K and rank_histogram/BIN (fraction of the constrained neighbours whose
+      rank in the plain ordering falls in BIN), for the constrained ordering `constrained` (B, k) or,
+      with query_labels/key_labels, for a label-constrained top-50 search;
+    - constraint_set_size: mean number of bank entries a sample may pick from (the valid C)."""
+    t, y = target[:rows], labels[:rows]
+    out = {f"purity_at_k/{k}": p
+           for k, p in purity_at_ks(t, bank_embeddings, bank_true_labels, y).items()}
+    if query_labels is not None:
+        largest = min(max(PURITY_KS), bank_embeddings.shape[0])
+        _, constrained, constrained_valid = knn_search(t, bank_embeddings, largest,
+                                                       query_labels=query_labels[:rows],
+                                                       key_labels=key_labels)
+        same = (key_labels.unsqueeze(0) == query_labels[:rows].unsqueeze(1)).sum(1)
+        constraint_size = torch.where(query_labels[:rows] >= 0, same, key_labels.numel())
+    if constrained is not None:
+        slots, valid = constrained[:rows], constrained_valid[:rows]
+        out.update({f"purity_constrained_at_k/{k}": p for k, p in ordered_purity_at_ks(
+            bank_true_labels[slots], y, valid=valid).items()})
+        histogram = rank_histogram(t, bank_embeddings, slots, valid)
+        total = max(1, sum(histogram.values()))
+        out.update({f"rank_histogram/{name}": count / total for name, count in histogram.items()})
+    if constraint_size is not None:
+        out["constraint_set_size"] = float(constraint_size[:rows].float().mean())
+    return out
+
+
 # ---------------------------------------------------------------- distributed
 
 def get_rank():
@@ -908,13 +942,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.iters_per_epoch - self.start_iter) * self.local_batch_size
-
-
-def prepare_views(views, device, channels_last):
-    """The views of a batch as the loader yields them -> float tensors on `device` (channels_last on
-    GPU), copied without blocking the host."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return [v.to(device, non_blocking=True).to(memory_format=memory_format) for v in views]
 
 
 def make_train_loader(dataset, sampler, workers, device):
@@ -1358,7 +1385,8 @@ def check_finite(loss, epoch, it):
 
 # Flags a run may change when it resumes: they change where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = {"data", "output_dir", "resume", "workers", "print_freq", "device", "save_every",
-                     "checkpoint_minutes", "stop_after_iters", "download", "amp"}
+                     "checkpoint_minutes", "stop_after_iters", "download", "amp", "augment_on",
+                     "knn_every", "knn_train_images", "knn_val_images", "tensorboard"}
 
 
 def check_training_args(args, world_size, min_topk=1):
@@ -1415,15 +1443,20 @@ def default_workers(requested):
     return max(0, min(8, cpus // per_node - 1))
 
 
-def build_online_and_target(arch, image_size, seed, device, channels_last,
-                            online_class=nn.Sequential):
+def build_online_and_target(arch, image_size, seed, device, channels_last, bn_batch_size=0,
+                            local_batch_size=None, online_class=nn.Sequential):
     """Online network = encoder + predictor (trained), target = EMA copy of the encoder (never
     trained by gradients), both with the same initial weights on every rank (the target is copied
-    before DDP would broadcast rank 0's). Returns (online, target_encoder); online[0] is the encoder."""
+    before DDP would broadcast rank 0's). Every BatchNorm normalises groups of `bn_batch_size`
+    samples (convert_batchnorm; 0: per-rank batch). Returns (online, target_encoder); online[0] is
+    the encoder."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(arch, image_size)
-    online = online_class(encoder, build_predictor(encoder)).to(device)
+    online = online_class(encoder, build_predictor(encoder))
+    if bn_batch_size:
+        convert_batchnorm(online, bn_batch_size, local_batch_size)
+    online = online.to(device)
     target_encoder = copy.deepcopy(encoder).to(device)
     target_encoder.requires_grad_(False)
     if channels_last:
@@ -1473,6 +1506,12 @@ class TrainingRun:
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.workers = default_workers(args.workers)
+        self.augment_on_device = resolve_on_device(args.augment_on, self.device)
+        self.local_batch_size = args.batch_size // self.world_size
+        ghost_batchnorm_layout(args.bn_batch_size, self.local_batch_size, self.world_size)  # checks
+        self.provenance = provenance()
+        if is_main_process():
+            print(provenance_line(self.provenance), flush=True)
         self.epochs, self.arch, self.save_every = args.epochs, args.arch, args.save_every
         self.stop_after_iters, self.checkpoint_seconds = args.stop_after_iters, args.checkpoint_minutes * 60
         self.output_dir = args.output_dir
@@ -1482,6 +1521,16 @@ class TrainingRun:
         self.iterations_this_run, self.last_save = 0, time.time()
         self.stop_reason, self.args_written = None, False
         self.preemption = None
+        self.knn_monitor, self.knn_every, self.tensorboard = None, 0, args.tensorboard
+        self.tensorboard_logger = None
+
+    def add_knn_monitor(self, args, train_base, num_classes):
+        """The online k-NN monitor (--knn-every), built and checked before anything is written."""
+        self.knn_every = KNN_EVERY_DEFAULT if args.knn_every is None else args.knn_every
+        self.knn_monitor = knn_monitor_from_args(args, train_base, num_classes, self.device,
+                                                 self.workers, self.autocast_dtype)
+        if self.knn_monitor is not None and is_main_process():
+            print(self.knn_monitor.cost_line(self.knn_every, len(train_base)), flush=True)
 
     def autocast(self):
         """Mixed precision for a forward pass (a no-op when --amp is off)."""
@@ -1520,6 +1569,8 @@ class TrainingRun:
             set_rng_states(checkpoint["rng"])
             start = (checkpoint["epoch"], checkpoint["iteration"])
         self._prepare_output_dir()
+        if self.tensorboard:  # continues the same event folder after a requeue, without repeats
+            self.tensorboard_logger = TensorboardLogger(self.output_dir, start[0])
         self.resumed_metrics = checkpoint.get("metrics") if checkpoint else None
         self.already_complete = start[0] >= self.epochs
         if checkpoint is not None:
@@ -1596,7 +1647,7 @@ class TrainingRun:
         if is_main_process():
             save_checkpoint(state, self.latest, keep_previous=self.previous)
             if not self.args_written:  # written with the first checkpoint: a run that fails earlier
-                save_args(self.args, self.output_dir, self.script)  # leaves the folder as it was
+                save_args(self.args, self.output_dir, self.script, self.provenance)  # writes nothing
                 self.args_written = True
         self.last_save = time.time()
 
@@ -1604,6 +1655,14 @@ class TrainingRun:
         """The epoch tail, in an order a kill at any point can repeat: checkpoint.pth (holding the log
         record) -> epoch weights files -> log line. A rerun resumes from the checkpoint and writes the
         weights and the log line again (both idempotent)."""
+        if self.knn_monitor is not None and (epoch + 1) % self.knn_every == 0:
+            knn, seconds = self.knn_monitor(backbone)  # before the save: its RNG use is checkpointed
+            record.update(knn, knn_seconds=round(seconds, 1))
+            if is_main_process():
+                print(f"epoch {epoch + 1}: k-NN monitor " + ", ".join(
+                    f"{name} {value:.2f}" for name, value in knn.items()) + f" ({seconds:.1f} s, "
+                    f"{100 * seconds / max(record.get('epoch_seconds', 0), 1e-9):.1f} % of the "
+                    "epoch)", flush=True)
         self.save(epoch + 1, 0, log_record=record)
         self.backbone = backbone
         self._write_epoch_outputs(epoch + 1, record)
@@ -1620,6 +1679,8 @@ class TrainingRun:
         save_checkpoint(torchvision_state_dict(backbone, self.arch),
                         os.path.join(self.output_dir, "backbone_torchvision.pth"))
         append_json_log(self.output_dir, record)
+        if self.tensorboard_logger is not None:
+            self.tensorboard_logger.log(record)
 
     # ---- when to save or stop
     def start_epoch_loop(self):
@@ -1662,6 +1723,8 @@ class TrainingRun:
         return self.stop_reason is not None
 
     def finish(self):
+        if self.tensorboard_logger is not None:
+            self.tensorboard_logger.close()
         if not is_main_process() or self.already_complete:
             return
         if self.stop_reason == "budget":
@@ -1723,8 +1786,12 @@ class MetricLogger:
 
     def averages(self):
         """Epoch averages over all ranks (one float each), plus the seconds spent waiting for data."""
-        averages = {name: reduce_mean(float(self.sums[name]) / self.counts[name]) for name in self.sums}
-        return {**averages, "data_seconds": round(reduce_mean(self.data_seconds), 1)}
+        averages = {"data_seconds": round(reduce_mean(self.data_seconds), 1)}
+        for name in self.sums:  # "group/key" names become {"group": {"key": ...}}
+            value = reduce_mean(float(self.sums[name]) / self.counts[name])
+            group, _, key = name.rpartition("/")
+            (averages.setdefault(group, {}) if group else averages)[key] = value
+        return averages
 
     def log_every(self, loader, start_iter=0):
         """Iterate over `loader` as (iteration, batch), timing the wait for each batch."""
@@ -1753,7 +1820,7 @@ class MetricLogger:
         eta = datetime.timedelta(seconds=int(seconds_per_iter * (self.total_iters - done)))
         parts = [f"{self.header} [{done:>{len(str(self.total_iters))}}/{self.total_iters}]"]
         for name in self.sums:
-            if not self.window[name]:
+            if not self.window[name] or "/" in name:  # diagnostics groups: log.jsonl only
                 continue
             recent = reduce_mean(float(sum(float(v) for v in self.window[name]) / len(self.window[name])))
             epoch = reduce_mean(float(self.sums[name]) / self.counts[name])
@@ -1795,16 +1862,18 @@ def append_json_log(output_dir, record):
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
-def save_args(args, output_dir, script):
+def save_args(args, output_dir, script, record=None):
     """args.json (rank 0, written atomically): every argument, the script, and the run's
     provenance() (git commit, command line, host, SLURM ids, world size, versions). Also prints the
     provenance as one line, so the first lines of every log say which code ran where. Rewritten at
     every (re)start: after a requeue it describes the run that is going on now."""
     if is_main_process():
-        record = provenance()
+        announce = record is None  # a caller that passes the record has printed it already
+        record = record or provenance()
         write_json(os.path.join(output_dir, "args.json"),
                    dict(args if isinstance(args, dict) else vars(args), script=script, **record))
-        print(provenance_line(record), flush=True)
+        if announce:
+            print(provenance_line(record), flush=True)
 
 
 # ---------------------------------------------------------------- monitoring
@@ -1879,10 +1948,11 @@ KNN_EVERY_DEFAULT = 2
 
 def add_monitor_args(parser):
     """The monitoring flags of the training scripts (the same in all four)."""
-    parser.add_argument("--knn-every", type=int, default=KNN_EVERY_DEFAULT,
-                        help="k-NN accuracy of the online backbone every N epochs, on fixed "
-                             "subsets (0: off); the start-up line prints its estimated share of "
-                             "the training time")
+    parser.add_argument("--knn-every", type=int, default=None,
+                        help=f"k-NN accuracy of the online backbone every N epochs, on fixed "
+                             f"subsets (0: off; None: every {KNN_EVERY_DEFAULT} when the dataset "
+                             "has a val split, else off); the start-up line prints its estimated "
+                             "share of the training time")
     parser.add_argument("--knn-train-images", type=int, default=50_000,
                         help="train images of the k-NN monitor's database (a fixed seeded subset)")
     parser.add_argument("--knn-val-images", type=int, default=10_000,
@@ -1959,22 +2029,27 @@ class KnnMonitor:
         return accuracy, time.time() - start
 
 
-def knn_monitor_from_args(args, train_base, num_classes, device):
+def knn_monitor_from_args(args, train_base, num_classes, device, workers, amp_dtype):
     """The KnnMonitor of a training script's flags (--knn-every/--knn-train-images/--knn-val-images,
     the data flags), or None with --knn-every 0. Checks the inputs, so call it before writing."""
-    if args.knn_every < 0 or args.knn_train_images < 1 or args.knn_val_images < 1:
+    every = KNN_EVERY_DEFAULT if args.knn_every is None else args.knn_every
+    if every < 0 or args.knn_train_images < 1 or args.knn_val_images < 1:
         raise UsageError("--knn-every must be >= 0 and --knn-train-images, --knn-val-images >= 1")
-    if not args.knn_every:
+    if not every:
         return None
     try:
         val_base, _ = build_dataset(args.dataset, args.data, "val", args.download, args.image_size,
                                     args.synthetic_images)
     except UsageError as e:
+        if args.knn_every is None:  # the default: a dataset without a val split is not an error
+            if is_main_process():
+                print("k-NN monitor off: the dataset has no val split", flush=True)
+            return None
         raise UsageError(f"{e} (the k-NN monitor reads the val split; --knn-every 0 turns it "
                          "off)") from None
     return KnnMonitor(train_base, val_base, num_classes, args.image_size, args.knn_train_images,
-                      args.knn_val_images, args.batch_size, args.workers, device,
-                      amp_dtype=getattr(args, "autocast_dtype", None), seed=args.seed)
+                      args.knn_val_images, args.batch_size, workers, device,
+                      amp_dtype=amp_dtype, seed=args.seed)
 
 
 class TensorboardLogger:

@@ -67,7 +67,14 @@ def get_args_parser():
                    help="side of the extra query crops (96 for 224 images; scale it with --image-size)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="mixed precision; None: bf16 on GPU, none on CPU")
-    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per process; None: 8, at most the CPUs per process")
+    p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
+                   help="where colour jitter, grayscale, blur and normalisation run: in the loader "
+                        "workers per image, or batched on the training device (auto: device on GPU)")
+    p.add_argument("--bn-batch-size", type=int, default=64,
+                   help="samples each BatchNorm normalises over, independent of the number of GPUs "
+                        "(the papers: 64 = 256 on 4 GPUs); 0: the per-process batch")
     p.add_argument("--output-dir", default="./output/cmsf_self", help="checkpoints, logs; resumes from here")
     p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
     p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
@@ -78,7 +85,8 @@ def get_args_parser():
                         "for fixed time slots")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
     p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_monitor_args(p)
     return p
 
 
@@ -407,6 +415,16 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             logger.update(constrained_rank=rank_in_unconstrained_order(
                 target, memory_bank.embeddings, found["constrained"], found["constrained_valid"]))
+            if args.constraint == "kmeans":  # C = the bank entries of the sample's cluster
+                slot_clusters = torch.where(memory_bank.indices >= 0,
+                                            cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
+                size = (slot_clusters.unsqueeze(0) == cluster_of_image[indices][:64, None]).sum(1)
+            else:
+                size = found["candidates_valid"].sum(1)
+            size = torch.where(found["constrained_rows"][:64], size[:64], args.mem_bank_size)
+            logger.update(**common.neighbour_diagnostics(
+                target, labels, memory_bank.embeddings, memory_bank.labels, found["constrained"],
+                found["constrained_valid"], constraint_size=size))
             common.check_finite(loss, epoch, it)
         logger.step(it, lr=lr_schedule[step])
         action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
@@ -437,12 +455,13 @@ def main(args):
     run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
 
     # ---- data: [target view, query view, local query crops...]
-    base, _ = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
                                    args.synthetic_images)
     check_args(args, len(base))
     common.check_dataset_size(len(base), args)
-    two_views = common.two_view_transform(args.augmentation, args.image_size).view_transforms
-    local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE)
+    two_views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device).view_transforms
+    local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE,
+                                              on_device=run.augment_on_device)
                    for _ in range(args.local_crops_number)]
     dataset = common.IndexedDataset(base, common.MultiViewTransform(two_views + local_crops))
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
@@ -451,6 +470,7 @@ def main(args):
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
                                                             run.device, run.channels_last,
+                                                            args.bn_batch_size, run.local_batch_size,
                                                             online_class=OnlineNetwork)
     encoder = online[0]
 
@@ -471,6 +491,7 @@ def main(args):
               store=store, clusters=clusters)
     if previous_bank is not None:
         run.track(previous_bank=previous_bank)
+    run.add_knn_monitor(args, base, num_classes)
     start_epoch, start_iter = run.resume(args.resume)
     if run.rank == 0 and not run.already_complete:
         mib = 2 ** 20

@@ -67,7 +67,14 @@ def get_args_parser():
                    help="target/query augmentations")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="mixed precision; None: bf16 on GPU, none on CPU")
-    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU/process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per process; None: 8, at most the CPUs per process")
+    p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
+                   help="where colour jitter, grayscale, blur and normalisation run: in the loader "
+                        "workers per image, or batched on the training device (auto: device on GPU)")
+    p.add_argument("--bn-batch-size", type=int, default=64,
+                   help="samples each BatchNorm normalises over, independent of the number of GPUs "
+                        "(the papers: 64 = 256 on 4 GPUs); 0: the per-process batch")
     p.add_argument("--output-dir", default="./output/cmsf_sup", help="checkpoints, logs; resumes from here")
     p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
     p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
@@ -78,7 +85,8 @@ def get_args_parser():
                         "for fixed time slots")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
     p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    common.add_monitor_args(p)
     return p
 
 
@@ -257,6 +265,11 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         logger.update(loss=loss, purity=purity, neighbours=counts.float().mean())
         logger.step(it, lr=lr_schedule[step])
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            bank_clean = clean_labels_of_slots(memory_bank, torch.arange(args.mem_bank_size,
+                                                                         device=run.device), clean_labels)
+            logger.update(**common.neighbour_diagnostics(target, clean, memory_bank.embeddings, bank_clean,
+                                                         query_labels=labels,
+                                                         key_labels=memory_bank.labels))
             common.check_finite(loss, epoch, it)
         action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
         if action and run.save_mid_epoch(action, epoch, it, loss, logger):
@@ -272,14 +285,15 @@ def main(args):
                                              args.image_size, args.synthetic_images)
     common.check_dataset_size(len(base), args)
     clean_labels, train_labels = training_labels(args, base, num_classes)
-    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size),
+    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device),
                                     labels=train_labels)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
     loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
-                                                            run.device, run.channels_last)
+                                                            run.device, run.channels_last,
+                                                            args.bn_batch_size, run.local_batch_size)
     encoder = online[0]
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
                                     getattr(torch, args.bank_dtype), seed=args.seed).to(run.device)
@@ -288,6 +302,7 @@ def main(args):
 
     run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank)
     run.track_constant("train_labels", train_labels, "--label-noise/--noisy-labels")
+    run.add_knn_monitor(args, base, num_classes)
     start_epoch, start_iter = run.resume(args.resume)
     if run.rank == 0 and not run.already_complete:
         num_noisy = int((train_labels != clean_labels).sum())

@@ -100,16 +100,19 @@ def test_monitor_flags_and_bad_input(tmp_path):
     import argparse
     args = common.add_monitor_args(argparse.ArgumentParser()).parse_args([])
     assert (args.knn_every, args.knn_train_images, args.knn_val_images, args.tensorboard) == (
-        common.KNN_EVERY_DEFAULT, 50_000, 10_000, False)
+        None, 50_000, 10_000, False)
     with pytest.raises(common.UsageError, match="--knn-train-images"):
         synthetic_monitor(train_images=10, val_images=5)  # fewer than k = 20
     flags = dict(vars(args), dataset="imagefolder", data=str(tmp_path), download=False,
                  image_size=16, synthetic_images=None, batch_size=8, workers=0, seed=0)
     (tmp_path / "train").mkdir()
-    with pytest.raises(common.UsageError, match="--knn-every 0"):  # no val/ folder
-        common.knn_monitor_from_args(argparse.Namespace(**flags), None, 3, torch.device("cpu"))
+    # no val/ folder: the default turns the monitor off, an explicit --knn-every is an error
+    assert common.knn_monitor_from_args(argparse.Namespace(**flags), None, 3, "cpu", 0, None) is None
+    with pytest.raises(common.UsageError, match="--knn-every 0"):
+        common.knn_monitor_from_args(argparse.Namespace(**dict(flags, knn_every=2)), None, 3,
+                                     torch.device("cpu"), 0, None)
     off = argparse.Namespace(**dict(flags, knn_every=0))
-    assert common.knn_monitor_from_args(off, None, 3, "cpu") is None
+    assert common.knn_monitor_from_args(off, None, 3, "cpu", 0, None) is None
 
 
 def test_monitor_cost_estimate_at_imagenet_scale():
