@@ -18,6 +18,7 @@ neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ... (-
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -48,8 +49,12 @@ def get_args_parser():
     p.add_argument("--topk", type=int, default=5, help="number of nearest neighbours k (both terms)")
     p.add_argument("--topk-prime", type=int, default=5,
                    help="2Q: size k' of the constraint set C (neighbours of t' in M')")
-    p.add_argument("--constraint", default="2q", choices=["2q", "kmeans"],
-                   help="2q: previous-visit neighbours (CMSF); kmeans: same k-means cluster (CMSF-KM)")
+    p.add_argument("--constraint", default="2q", choices=["2q", "kmeans", "embeddings"],
+                   help="2q: previous-visit neighbours (CMSF); kmeans: same k-means cluster (CMSF-KM); "
+                        "embeddings: neighbours in another modality (--constraint-embeddings)")
+    p.add_argument("--constraint-embeddings", default=None,
+                   help="embeddings: torch file {'paths': [...], 'embeddings': N x D} of every training "
+                        "image in another modality or model (tools/write_embeddings.py writes one)")
     p.add_argument("--num-clusters", type=int, default=50_000, help="kmeans: number of clusters")
     p.add_argument("--kmeans-iters", type=int, default=20, help="kmeans: Lloyd iterations per epoch")
     p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
@@ -307,7 +312,7 @@ def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_e
 
 @torch.no_grad()
 def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store, cluster_of_image,
-                                constraint, k, k_prime, search_dtype):
+                                constraint, k, k_prime, search_dtype, other_modality=None):
     """One step of bookkeeping and search for the local targets t (B, d), after all-gathering the
     global batch so that every rank's bank, M' and store stay identical:
     1. t' = previous-visit embeddings of the global batch, read BEFORE this visit is recorded;
@@ -329,6 +334,11 @@ def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_b
         target_prev, constrained_rows = global_prev[rank_rows], global_visited[rank_rows]
         found["candidates"], found["candidates_valid"], constrained, constrained_valid = two_queue_constraint(
             target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype)
+    elif constraint == "embeddings":  # C from the other modality's embeddings of the bank's images
+        other_embeddings, has_embedding = other_modality
+        constrained_rows = has_embedding[indices]  # images without one fall back to plain MSF
+        found["candidates"], found["candidates_valid"], constrained, constrained_valid = cross_modal_constraint(
+            target, indices, memory_bank, other_embeddings, has_embedding, k, k_prime, search_dtype)
     else:  # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
         sample_clusters = cluster_of_image[indices]
         slot_clusters = torch.where(memory_bank.indices >= 0, cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
@@ -367,7 +377,7 @@ def rank_in_unconstrained_order(target, bank_embeddings, slots, valid, chunk_siz
 
 
 def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
-                    previous_bank, store, cluster_of_image, lr_schedule, start_iter):
+                    previous_bank, store, cluster_of_image, other_modality, lr_schedule, start_iter):
     """One epoch of CMSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
     iters = loader.sampler.iters_per_epoch
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
@@ -394,7 +404,7 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
             # Enqueue first (inside): the bank then holds t itself, its own nearest neighbour.
             found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store,
                                                 cluster_of_image, args.constraint, args.topk,
-                                                args.topk_prime, search_dtype)
+                                                args.topk_prime, search_dtype, other_modality)
 
         loss_per_sample = cmsf_loss(queries, memory_bank, found)
         loss = loss_per_sample.mean()
@@ -441,6 +451,9 @@ def check_args(args, num_images):
     if args.constraint == "kmeans" and not 1 <= args.num_clusters <= num_images:
         raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the number of "
                                 f"training images ({num_images}); lower it")
+    if (args.constraint == "embeddings") != (args.constraint_embeddings is not None):
+        raise common.UsageError("--constraint embeddings and --constraint-embeddings FILE go together; "
+                                "pass both (or neither)")
     if args.kmeans_iters < 1:
         raise common.UsageError(f"--kmeans-iters {args.kmeans_iters} must be at least 1")
     if args.local_crops_number < 0:
@@ -459,6 +472,15 @@ def main(args):
                                    args.synthetic_images)
     check_args(args, len(base))
     common.check_dataset_size(len(base), args)
+    other_modality = None
+    if args.constraint == "embeddings":
+        other_modality = tuple(x.to(run.device) for x in read_other_modality_embeddings(
+            args.constraint_embeddings, common.dataset_relative_paths(base), getattr(torch, args.store_dtype)))
+        if run.rank == 0:
+            missing = int((~other_modality[1]).sum())
+            print(f"--constraint-embeddings {args.constraint_embeddings}: {other_modality[0].shape[1]}-d "
+                  f"embeddings of {len(base) - missing} images; {missing} without one use plain MSF",
+                  flush=True)
     two_views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device).view_transforms
     local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE,
                                               on_device=run.augment_on_device)
@@ -525,7 +547,7 @@ def main(args):
                       f"{assigned.numel()} images in {extra['kmeans_seconds']} s", flush=True)
         stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
                                 memory_bank, previous_bank, store, clusters.cluster_of_image,
-                                lr_schedule, start_iter)
+                                other_modality, lr_schedule, start_iter)
         if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
             break
         start_iter = 0

@@ -200,3 +200,42 @@ def test_write_embeddings_on_synthetic_data_and_bad_weights(tmp_path, backbone_f
         with pytest.raises(common.UsageError, match=fragment):
             tool.main(tool.get_args_parser().parse_args(argv))
         assert not os.path.exists(output_path)
+
+
+def _embeddings_file(path, labels, informative, seed=0):
+    """{"paths": dataset index names, "embeddings"}: one-hot class + noise, or pure noise."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), 16, generator=generator)
+    embeddings = noise * 0.3 + (torch.nn.functional.one_hot(labels, 16).float() * 3 if informative else 0)
+    torch.save({"paths": [str(i) for i in range(len(labels))], "embeddings": embeddings}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_script_with_cross_modal_constraint(tmp_path, informative):
+    """A short synthetic run: neighbours constrained by a class-encoding other modality are much purer
+    than the plain ones; with an embedding that encodes nothing they are not."""
+    import json
+    import signal
+    import train_cmsf_self
+    base, _ = common.build_dataset("synthetic", None, "train", image_size=16, synthetic_images=96)
+    labels = common.dataset_targets(base)
+    path = _embeddings_file(tmp_path / "other.pt", labels, informative)
+    out = tmp_path / "out"
+    argv = ["--dataset", "synthetic", "--synthetic-images", "96", "--arch", "resnet10", "--image-size", "16",
+            "--batch-size", "16", "--mem-bank-size", "96", "--workers", "0", "--print-freq", "2",
+            "--epochs", "2", "--knn-every", "0", "--topk", "3", "--topk-prime", "5",
+            "--constraint", "embeddings", "--constraint-embeddings", path, "--output-dir", str(out)]
+    try:
+        train_cmsf_self.main(train_cmsf_self.get_args_parser().parse_args(argv))
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    last = log[-1]
+    assert last["msf_fallback"] == 0.0  # every image has an embedding
+    if informative:
+        assert last["purity_constrained"] > last["purity_unconstrained"] + 0.3, last
+        assert last["purity_constrained"] > 0.9
+    else:
+        assert last["purity_constrained"] < last["purity_unconstrained"] + 0.15, last
