@@ -48,6 +48,9 @@ def get_args_parser():
                    help="file of 'relative/path label' lines (path relative to the train folder; label = "
                         "class folder name, or class index when it is not a folder name) giving the "
                         "training label of every image (imagefolder only)")
+    p.add_argument("--loss", default="cmsf", choices=["cmsf", "xent"],
+                   help="cmsf: the supervised CMSF loss; xent: the cross-entropy baseline (a linear "
+                        "classifier on the backbone, same labels, schedule and query augmentation)")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
     p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
     p.add_argument("--epochs", type=int, default=200, help="training epochs (cosine schedule over them)")
@@ -217,6 +220,14 @@ def training_labels(args, base, num_classes):
     return clean_labels, make_noisy_labels(clean_labels, num_classes, args.label_noise, args.seed)
 
 
+class XentNetwork(torch.nn.Sequential):
+    """The Xent baseline: [encoder, linear classifier]; logits = classifier(backbone(x)) (the
+    encoder's projection is not used)."""
+
+    def forward(self, images):
+        return self[1](self[0].backbone(images))
+
+
 # ---------------------------------------------------------------- training
 
 def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank, clean_labels,
@@ -232,30 +243,37 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
         labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
 
-        with run.autocast():
-            query = online(query_view)
-        query = F.normalize(query.float(), dim=1)
-
-        with torch.no_grad():
-            common.ema_update_(target_encoder, online_encoder, args.ema)
-            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-            with run.autocast():
-                target = target_encoder(shuffled)
-            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
-            # Enqueue first (with the TRAINING labels): t is then its own nearest same-label neighbour.
-            memory_bank.enqueue(common.all_gather(target), common.all_gather(labels),
-                                common.all_gather(indices))
-
         clean = clean_labels[indices]
-        if args.topk == 0:
-            loss_per_sample, counts = top_all_loss(query, labels, memory_bank, num_classes)
-            purity = top_all_purity(labels, clean, memory_bank, clean_labels, num_classes)
+        if args.loss == "xent":  # the baseline: a linear classifier's cross-entropy on the same labels
+            with run.autocast():
+                logits = online(query_view)
+            loss_per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+            purity = (logits.argmax(dim=1) == clean).float().mean()  # train accuracy, clean labels
+            counts = torch.zeros(1, device=run.device)
         else:
-            loss_per_sample, neighbour_slots, valid = constrained_topk_loss(
-                query, target, labels, memory_bank, args.topk, getattr(torch, args.search_dtype))
-            counts = valid.sum(dim=1)
-            purity = common.purity(clean_labels_of_slots(memory_bank, neighbour_slots, clean_labels),
-                                   clean, valid)
+            with run.autocast():
+                query = online(query_view)
+            query = F.normalize(query.float(), dim=1)
+
+            with torch.no_grad():
+                common.ema_update_(target_encoder, online_encoder, args.ema)
+                shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
+                with run.autocast():
+                    target = target_encoder(shuffled)
+                target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
+                # Enqueue first (with the TRAINING labels): t is then its own nearest same-label neighbour.
+                memory_bank.enqueue(common.all_gather(target), common.all_gather(labels),
+                                    common.all_gather(indices))
+
+            if args.topk == 0:
+                loss_per_sample, counts = top_all_loss(query, labels, memory_bank, num_classes)
+                purity = top_all_purity(labels, clean, memory_bank, clean_labels, num_classes)
+            else:
+                loss_per_sample, neighbour_slots, valid = constrained_topk_loss(
+                    query, target, labels, memory_bank, args.topk, getattr(torch, args.search_dtype))
+                counts = valid.sum(dim=1)
+                purity = common.purity(clean_labels_of_slots(memory_bank, neighbour_slots, clean_labels),
+                                       clean, valid)
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -264,12 +282,13 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
 
         logger.update(loss=loss, purity=purity, neighbours=counts.float().mean())
         logger.step(it, lr=lr_schedule[step])
-        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+        if ((it + 1) % args.print_freq == 0 or it + 1 == iters) and args.loss == "cmsf":
             bank_clean = clean_labels_of_slots(memory_bank, torch.arange(args.mem_bank_size,
                                                                          device=run.device), clean_labels)
             logger.update(**common.neighbour_diagnostics(target, clean, memory_bank.embeddings, bank_clean,
                                                          query_labels=labels,
                                                          key_labels=memory_bank.labels))
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             common.check_finite(loss, epoch, it)
         action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
         if action and run.save_mid_epoch(action, epoch, it, loss, logger):
@@ -295,6 +314,10 @@ def main(args):
                                                             run.device, run.channels_last,
                                                             args.bn_batch_size, run.local_batch_size)
     encoder = online[0]
+    if args.loss == "xent":  # a linear classifier replaces the predictor; the projection is unused
+        online[1] = torch.nn.Linear(encoder.feat_dim, num_classes).to(run.device)
+        encoder.projection.requires_grad_(False)
+        online = XentNetwork(*online)
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
                                     getattr(torch, args.bank_dtype), seed=args.seed).to(run.device)
     optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,

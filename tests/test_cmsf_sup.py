@@ -236,3 +236,32 @@ def test_noisy_label_file_end_to_end(tmp_path, capsys):
     assert checkpoint["train_labels"].tolist() == flipped
     bank = checkpoint["memory_bank"]
     assert torch.equal(bank["labels"], torch.tensor(flipped)[bank["indices"]])
+
+
+@pytest.mark.parametrize("noise", ["0", "0.25"])
+def test_xent_baseline_runs_and_resumes_exactly(tmp_path, noise, capsys):
+    """--loss xent: the cross-entropy baseline on clean or noisy labels; stop + resume = straight."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ("--loss", "xent", "--label-noise", noise, "--knn-every", "0")
+    run_in_process(sup, tiny_args(straight, *extra))
+    run_in_process(sup, tiny_args(resumed, *extra, "--stop-after-iters", "3"))
+    run_in_process(sup, tiny_args(resumed, *extra))
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=True)
+    assert (a["epoch"], b["epoch"]) == (2, 2)
+    assert a["online"]["1.weight"].shape == (10, 512)  # the linear classifier over 10 classes
+    for name, value in a["online"].items():
+        assert torch.equal(value, b["online"][name]), name
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= record["purity"] <= 1 and record["loss"] > 0 for record in log)
+    torch.manual_seed(0)  # the initial weights, as the script builds them with --seed 0
+    initial = sup.common.build_encoder("resnet10", 16)
+    assert initial.backbone.conv1.weight.shape == a["online"]["0.backbone.conv1.weight"].shape
+    assert not torch.equal(a["online"]["0.backbone.conv1.weight"], initial.backbone.conv1.weight)
+
+
+def test_xent_baseline_two_processes(tmp_path):
+    result = run_script("train_cmsf_sup.py", *tiny_args(tmp_path, "--loss", "xent", "--label-noise", "0.25",
+                                                        "--knn-every", "0"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 2
