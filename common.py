@@ -321,10 +321,11 @@ def is_main_process():
 
 
 def _slurm_to_torch_env():
-    """Inside an srun step of several tasks (a bare `srun python script.py`), derive torch.distributed's
-    variables from SLURM's. Only a step makes processes: the shell of an sbatch script (SLURM_NTASKS=8,
-    SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS) is one process, and treating it as rank 0 of 8 would
-    wait forever for ranks that never start. Variables already set (torchrun, submitit) win."""
+    """Inside an srun step of several tasks (a bare `srun python script.py`), derive the variables
+    of torch.distributed from SLURM's. Only a step makes processes: the shell of an sbatch script
+    (SLURM_NTASKS=8, SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS) is one process, and treating it as
+    rank 0 of 8 would wait forever for ranks that never start. Variables already set (torchrun,
+    submitit) win."""
     step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or step_tasks is None:
         return
@@ -339,8 +340,9 @@ def _slurm_to_torch_env():
         try:
             nodes = subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True)
         except (OSError, subprocess.CalledProcessError) as e:
-            raise UsageError(f"cannot name rank 0's node of this srun step ('scontrol show hostnames "
-                             f"{nodelist}' failed: {e}); export MASTER_ADDR=<first node> before srun")
+            raise UsageError(f"cannot name rank 0's node of this srun step ('scontrol show "
+                             f"hostnames {nodelist}' failed: {e}); export MASTER_ADDR=<first node> "
+                             "before srun")
         os.environ["MASTER_ADDR"] = nodes.split()[0]
     job_step = _env_int("SLURM_JOB_ID", 0) * 7 + _env_int("SLURM_STEP_ID", 0)
     os.environ.setdefault("MASTER_PORT", str(20000 + job_step % 20000))
@@ -354,32 +356,35 @@ def _env_int(name, default=None):
     try:
         return int(value)
     except ValueError:
-        raise UsageError(f"environment variable {name}={value!r} is not an integer; unset or fix it")
+        raise UsageError(f"environment variable {name}={value!r} is not an integer; "
+                         "unset or fix it")
 
 
 def _check_torch_env():
     """(rank, world size) of this process from RANK / WORLD_SIZE, refusing what would hang in
-    init_process_group: a rank outside the world, half of the pair, a world the srun step contradicts
-    (torchrun under srun legitimately runs several processes per task, so it is exempt), a missing
-    rendezvous address."""
+    init_process_group: a rank outside the world, half of the pair, a world the srun step
+    contradicts (torchrun under srun legitimately runs several processes per task, so it is
+    exempt), a missing rendezvous address."""
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     if (rank is None) != (world_size is None) and (world_size or 1) > 1:
-        raise UsageError(f"RANK={rank} and WORLD_SIZE={world_size}: set both (torchrun does) or neither")
+        raise UsageError(f"RANK={rank} and WORLD_SIZE={world_size}: set both (torchrun does) "
+                         "or neither")
     rank, world_size = rank or 0, world_size or 1
     if world_size < 1 or not 0 <= rank < world_size:
-        raise UsageError(f"RANK={rank} but WORLD_SIZE={world_size}: a rank must be in 0..WORLD_SIZE-1; "
-                         "unset RANK and WORLD_SIZE to run one process")
+        raise UsageError(f"RANK={rank} but WORLD_SIZE={world_size}: a rank must be in "
+                         "0..WORLD_SIZE-1; unset RANK and WORLD_SIZE to run one process")
     step_tasks = _env_int("SLURM_STEP_NUM_TASKS")
-    if (step_tasks is not None and world_size != step_tasks and "TORCHELASTIC_RUN_ID" not in os.environ
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (step_tasks is not None and world_size != step_tasks and not under_torchrun
             and "SLURM_PROCID" in os.environ):
         raise UsageError(f"WORLD_SIZE={world_size} but this srun step runs {step_tasks} task(s) "
-                         f"(SLURM_STEP_NUM_TASKS): launch with srun --ntasks {world_size}, or unset "
-                         "WORLD_SIZE and RANK")
+                         f"(SLURM_STEP_NUM_TASKS): launch with srun --ntasks {world_size}, or "
+                         "unset WORLD_SIZE and RANK")
     if world_size > 1:
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
         if missing:
-            raise UsageError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch with "
-                             "torchrun or srun, or unset WORLD_SIZE to run one process")
+            raise UsageError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: "
+                             "launch with torchrun or srun, or unset WORLD_SIZE to run one process")
     return rank, world_size
 
 
@@ -400,25 +405,28 @@ def select_device(device_arg, local_rank=0, world_size=1):
         return torch.device("cuda", local_rank % count)
     index = int(name[5:])
     if index >= count:
-        raise UsageError(f"--device {device_arg}: {count} CUDA GPU(s) visible, cuda:0 to cuda:{count - 1}")
+        raise UsageError(f"--device {device_arg}: {count} CUDA GPU(s) visible, "
+                         f"cuda:0 to cuda:{count - 1}")
     if world_size > 1:
-        raise UsageError(f"--device {device_arg} names one GPU, but {world_size} processes run; use "
-                         "--device cuda (each process takes cuda:LOCAL_RANK)")
+        raise UsageError(f"--device {device_arg} names one GPU, but {world_size} processes run; "
+                         "use --device cuda (each process takes cuda:LOCAL_RANK)")
     return torch.device("cuda", index)
 
 
 def init_distributed(device_arg=None):
     """Initialise torch.distributed from torchrun's, srun's or submitit's environment, or run as a
     single process; inputs that would make init_process_group wait forever are usage errors.
-    Returns the torch.device this process computes on (see select_device). NCCL on GPUs, gloo on CPU."""
+    Returns the torch.device this process computes on (see select_device). NCCL on GPUs, gloo on
+    the CPU."""
     _slurm_to_torch_env()
     _, world_size = _check_torch_env()
     device = select_device(device_arg, _env_int("LOCAL_RANK", 0), world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        on_gpu = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
+                                **({"device_id": device} if on_gpu else {}))
     return device
 
 
@@ -1006,15 +1014,15 @@ def amp_name(dtype):
 
 
 def has_native_bf16(device):
-    """Whether `device` computes bfloat16 in hardware: CUDA compute capability 8.0 (Ampere) or later.
-    torch.cuda.is_bf16_supported() also answers yes where bf16 is only emulated (V100, T4: slower than
-    float16 and float32), so the capability is what decides."""
+    """Whether `device` computes bfloat16 in hardware: CUDA compute capability 8.0 (Ampere) or
+    later. torch.cuda.is_bf16_supported() also answers yes where bf16 is only emulated (V100, T4:
+    slower than float16 and float32), so the capability is what decides."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def amp_dtype(amp, device):
-    """--amp: the autocast dtype, or None for float32. Default (None): bf16 on GPUs with native bf16,
-    fp16 (with a GradScaler) on older GPUs, float32 on the CPU. `none` asks for float32 anywhere."""
+    """--amp: the autocast dtype, or None for float32. Default (None): bf16 on GPUs with native
+    bf16, fp16 (with a GradScaler) on older GPUs, float32 on the CPU. `none`: float32 anywhere."""
     if amp not in (None, "bf16", "fp16", "none"):
         raise UsageError(f"--amp {amp}: expected bf16, fp16 or none")
     if amp is None:

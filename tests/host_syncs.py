@@ -4,9 +4,10 @@
         one_training_step()
     assert syncs == [], syncs      # each entry: "file.py:line what"
 
-A GPU is not needed: on the CPU every call that WOULD wait on a GPU tensor is recorded (.item(),
-.tolist(), .nonzero(), bool(tensor) as in `if tensor:`, int()/float() of a tensor, indexing with a
-bool mask or a 0-d tensor, .cpu(), .numpy(), .to() a cpu target, torch.equal, unique, masked_select).
+A GPU is not needed: on the CPU every call that WOULD wait on a GPU tensor is recorded
+(.item(), .tolist(), .nonzero(), bool(tensor) as in `if tensor:`, int()/float() of a tensor,
+indexing with a bool mask or a 0-d tensor, .cpu(), .numpy(), .to() a cpu target, torch.equal,
+unique, masked_select).
 On a CUDA device torch's own detector (torch.cuda.set_sync_debug_mode) is switched on as well and
 its warnings are added. Not visible on the CPU: a blocking host-to-device copy (`.to(device)` of a
 CPU tensor), since every tensor already lives on the CPU there.
@@ -37,13 +38,15 @@ def _call_site():
 
 def _is_cpu_target(args, kwargs):
     targets = list(args[:1]) + [kwargs.get("device")]
-    return any(isinstance(t, (str, torch.device)) and torch.device(t).type == "cpu" for t in targets)
+    return any(isinstance(t, (str, torch.device)) and torch.device(t).type == "cpu"
+               for t in targets)
 
 
 def _index_syncs(index):
     """Indexing that needs a value on the host: a bool mask (its size) or a 0-d integer tensor."""
     parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, torch.Tensor) and (p.dtype == torch.bool or p.dim() == 0) for p in parts)
+    return any(isinstance(p, torch.Tensor) and (p.dtype == torch.bool or p.dim() == 0)
+               for p in parts)
 
 
 def _patched(owner, name, syncs, label, when=None):

@@ -1,6 +1,7 @@
-"""The k-means of train_cmsf_self.py before it was made fast on GPUs, kept verbatim as the reference
-for cluster quality (tests/test_kmeans.py) and speed (tests/bench_kmeans.py): sequential greedy
-k-means++ seeding (one step per cluster, two host synchronisations each) and float32 Lloyd rounds."""
+"""The k-means of train_cmsf_self.py before it was made fast on GPUs, kept (only re-wrapped) as the
+reference for cluster quality (tests/test_kmeans.py) and speed (tests/bench_kmeans.py): sequential
+greedy k-means++ seeding (one step per cluster, two host synchronisations each) and float32 Lloyd
+rounds."""
 import math
 
 import torch
@@ -14,7 +15,8 @@ def reference_spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_siz
     num_clusters = min(num_clusters, n)
     chunk_size = chunk_size or max(1, (1 << 27) // num_clusters)
     generator = torch.Generator().manual_seed(seed)
-    sample = points[torch.randperm(n, generator=generator)[:min(n, 16 * num_clusters)].to(points.device)]
+    order = torch.randperm(n, generator=generator)[:min(n, 16 * num_clusters)]
+    sample = points[order.to(points.device)]
     num_candidates = 2 + int(math.log(num_clusters))
     uniforms = torch.rand(num_clusters, num_candidates, generator=generator,
                           dtype=torch.float64).to(points.device)
@@ -47,8 +49,8 @@ def reference_spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_siz
 
 
 def blobs(n, dim, num_blobs, seed):
-    """Unit vectors around `num_blobs` random directions with spreads from tight to loose: a test set
-    where seeding matters (float32)."""
+    """Unit vectors around `num_blobs` random directions with spreads from tight to loose: a test
+    set where seeding matters (float32)."""
     generator = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(num_blobs, dim, generator=generator), dim=1)
     spread = 0.1 + 0.5 * torch.rand(num_blobs, 1, generator=generator)

@@ -12,9 +12,10 @@ import common
 from conftest import assert_usage_error, run_script
 from host_syncs import host_syncs
 
-DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
-                  "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST")
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+                  "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_NODELIST",
+                  "SLURM_JOB_NODELIST")
 
 
 def unit(*shape, seed):
@@ -31,13 +32,15 @@ def gpu_capability(monkeypatch):
     return set_capability
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
-                                                  ((7, 5), torch.float16), ((7, 0), torch.float16)])
+@pytest.mark.parametrize("capability, expected", [
+    ((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
+    ((7, 0), torch.float16)])
 def test_default_amp_follows_native_bf16(gpu_capability, capability, expected):
     gpu_capability(capability)
     cuda = torch.device("cuda", 0)
     assert common.amp_dtype(None, cuda) is expected
-    assert common.amp_dtype("fp16", cuda) is torch.float16 and common.amp_dtype("none", cuda) is None
+    assert common.amp_dtype("fp16", cuda) is torch.float16
+    assert common.amp_dtype("none", cuda) is None
     assert common.amp_name(common.amp_dtype(None, cuda)) == str(expected).removeprefix("torch.")
 
 
@@ -51,7 +54,8 @@ def test_bf16_on_a_gpu_without_native_bf16_is_a_usage_error(gpu_capability, monk
 
 
 def test_cpu_defaults_to_float32_and_takes_what_is_asked(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: pytest.fail("no GPU"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: pytest.fail("asked a GPU"))
     cpu = torch.device("cpu")
     assert common.amp_dtype(None, cpu) is None and common.amp_name(None) == "off"
     assert common.amp_dtype("bf16", cpu) is torch.bfloat16 and common.amp_dtype("none", cpu) is None
@@ -77,18 +81,20 @@ def test_sbatch_shell_without_srun_step_is_one_process(clean_env):
 
 
 def test_srun_step_sets_torch_variables(clean_env):
-    for name, value in dict(SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4", SLURM_STEP_ID="2", SLURM_PROCID="3",
-                            SLURM_LOCALID="1", SLURM_JOB_ID="1234", MASTER_ADDR="nodeA").items():
+    for name, value in dict(SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4", SLURM_STEP_ID="2",
+                            SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_JOB_ID="1234",
+                            MASTER_ADDR="nodeA").items():
         clean_env.setenv(name, value)
     common._slurm_to_torch_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert os.environ["MASTER_ADDR"] == "nodeA" and os.environ["MASTER_PORT"] == str(20000 + 1234 * 7 + 2)
+    assert [os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == ["3", "4", "1"]
+    assert os.environ["MASTER_ADDR"] == "nodeA"
+    assert os.environ["MASTER_PORT"] == str(20000 + 1234 * 7 + 2)
     assert common._check_torch_env() == (3, 4)
 
 
 def test_srun_step_without_scontrol_is_a_usage_error(clean_env):
-    for name, value in dict(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="0", SLURM_STEP_NODELIST="n[1-2]",
-                            PATH="/nonexistent").items():
+    for name, value in dict(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="0",
+                            SLURM_STEP_NODELIST="n[1-2]", PATH="/nonexistent").items():
         clean_env.setenv(name, value)
     with pytest.raises(common.UsageError, match="export MASTER_ADDR"):
         common._slurm_to_torch_env()
@@ -143,10 +149,13 @@ def test_cuda_without_gpu_is_a_usage_error_from_init_distributed(clean_env):
 
 
 def test_eval_knn_in_sbatch_shell_runs_as_one_process(tmp_path):
-    """`python eval_knn.py` in an sbatch script with --ntasks 8 and no srun: one process, finishes."""
-    argv = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet10", "--image-size", "16",
-            "--batch-size", "16", "--workers", "0", "--k", "1", "3", "--output-dir", tmp_path / "out"]
-    env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-8]"}
+    """`python eval_knn.py` in an sbatch script with --ntasks 8 and no srun: one process that
+    finishes."""
+    argv = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet10",
+            "--image-size", "16", "--batch-size", "16", "--workers", "0", "--k", "1", "3",
+            "--output-dir", tmp_path / "out"]
+    env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "n[1-8]"}
     result = run_script("eval_knn.py", *argv, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "knn_results.json").is_file()
@@ -170,13 +179,15 @@ def test_host_syncs_sees_each_kind_of_sync():
         x[torch.tensor([1, 2])]  # a long index tensor: no sync
         x.to(torch.float64)  # a dtype, not a device: no sync
     kinds = [entry.split(" ", 1)[1] for entry in syncs]
-    assert kinds == [".item()", "indexing with a bool mask or 0-d tensor", ".nonzero()", "bool(tensor)",
-                     ".to(cpu)", ".tolist()", "indexing with a bool mask or 0-d tensor"], syncs
+    mask_index = "indexing with a bool mask or 0-d tensor"
+    assert kinds == [".item()", mask_index, ".nonzero()", "bool(tensor)", ".to(cpu)", ".tolist()",
+                     mask_index], syncs
     assert all(entry.startswith("test_gpu_paths.py:") for entry in syncs)
     assert torch.Tensor.item is not None and x.sum().item() == 15.0  # patches removed
 
 
-@pytest.mark.parametrize("path", ["float32", "bf16-prefilter", "bfloat16-scores", "labels", "labels-prefilter"])
+@pytest.mark.parametrize("path", ["float32", "bf16-prefilter", "bfloat16-scores", "labels",
+                                  "labels-prefilter"])
 def test_knn_search_has_no_host_sync(monkeypatch, path):
     monkeypatch.setattr(common, "_bf16_matmul_is_fast", lambda device_type: "prefilter" in path)
     queries, keys = unit(16, 32, seed=1), unit(700, 32, seed=2)
@@ -203,8 +214,10 @@ def test_prefilter_rescans_uncertain_rows_without_host_sync(monkeypatch):
     close = 0.5 + 1.5e-5 * torch.arange(1, 101, dtype=torch.float64)  # one bf16 value: 0.5
     first = torch.cat([close, -torch.rand(300, generator=gen, dtype=torch.float64)])
     rest = F.normalize(torch.randn(400, d - 1, generator=gen, dtype=torch.float64), dim=1)
-    keys = torch.cat([first.unsqueeze(1), (1 - first ** 2).sqrt().unsqueeze(1) * rest], dim=1).float()
-    queries = torch.cat([F.one_hot(torch.tensor([0]), d).float(), unit(7, d, seed=4)])  # row 0 uncertain
+    keys = torch.cat([first.unsqueeze(1), (1 - first ** 2).sqrt().unsqueeze(1) * rest], dim=1)
+    keys = keys.float()
+    uncertain_query = F.one_hot(torch.tensor([0]), d).float()  # its bf16 scores all tie at 0.5
+    queries = torch.cat([uncertain_query, unit(7, d, seed=4)])
     with host_syncs() as syncs:
         sims, idx, valid = common.knn_search(queries, keys, 5, chunk_size=128)
     assert syncs == []
@@ -215,10 +228,11 @@ def test_prefilter_rescans_uncertain_rows_without_host_sync(monkeypatch):
 
 def test_batch_shuffle_draws_on_the_device_without_host_sync(monkeypatch):
     """Two ranks simulated in one process: the permutation is drawn on x's device by a generator on
-    that device, the same as a fresh draw from (seed, step), and shuffle + unshuffle is the identity."""
+    that device, the same as a fresh draw from (seed, step), and shuffle + unshuffle is the
+    identity."""
     rank_rows = {0: torch.arange(0.0, 4.0).unsqueeze(1), 1: torch.arange(4.0, 8.0).unsqueeze(1)}
     monkeypatch.setattr(common, "get_world_size", lambda: 2)
-    monkeypatch.setattr(common, "all_gather", lambda t: torch.cat([t, t + 4]) if t.shape == (4, 1) else t)
+    monkeypatch.setattr(common, "all_gather", lambda t: torch.cat([t, t + 4]))
     draws = []
     randperm = torch.randperm
 

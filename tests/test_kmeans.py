@@ -26,14 +26,14 @@ def assignment_precision(request, monkeypatch):
 @pytest.mark.parametrize("n, dim, num_blobs, k", [(4000, 32, 40, 50), (4000, 32, 200, 100),
                                                    (8000, 64, 1000, 256)])
 def test_inertia_matches_the_sequential_implementation(n, dim, num_blobs, k):
-    """Over 3 seeds, the total inertia is within 2 % of the old sequential greedy k-means++ one
-    (measured: -0.3 % to +1.6 % per run)."""
+    """Over 3 seeds, the total inertia is within 1 % of the old sequential greedy k-means++ one
+    (measured: -0.8 % to +0.6 % per run)."""
     ours, reference = 0.0, 0.0
     for seed in range(3):
         points = blobs(n, dim, num_blobs, seed)
         ours += inertia(points, cmsf.spherical_kmeans(points, k, 20, seed)[1])
         reference += inertia(points, reference_spherical_kmeans(points, k, 20, seed)[1])
-    assert ours <= 1.02 * reference, (ours, reference)
+    assert ours <= 1.01 * reference, (ours, reference)
 
 
 def test_recovers_separated_clusters_on_both_precisions(assignment_precision):
@@ -47,7 +47,8 @@ def test_recovers_separated_clusters_on_both_precisions(assignment_precision):
         assert len(set(zip(truth.tolist(), assignments.tolist()))) == 12  # a bijection of clusters
         for t in range(12):
             reference = F.normalize(points[truth == t].mean(0), dim=0)
-            assert torch.allclose(centroids[assignments[truth == t][0]].double(), reference, atol=1e-6)
+            cluster = assignments[truth == t][0]
+            assert torch.allclose(centroids[cluster].double(), reference, atol=1e-6)
 
 
 def test_assignment_is_the_float64_argmax_despite_near_ties(assignment_precision):
@@ -55,10 +56,12 @@ def test_assignment_is_the_float64_argmax_despite_near_ties(assignment_precision
     to the float64 argmax, because the rows bf16 cannot decide are recomputed in float64."""
     generator = torch.Generator().manual_seed(6)
     base = F.normalize(torch.randn(20, 48, generator=generator, dtype=torch.float64), dim=1)
-    twins = F.normalize(base + 2e-4 * torch.randn(20, 48, generator=generator, dtype=torch.float64), dim=1)
+    noise = torch.randn(20, 48, generator=generator, dtype=torch.float64)
+    twins = F.normalize(base + 2e-4 * noise, dim=1)
     centroids = torch.cat([base, twins]).float()
-    points = F.normalize(base[torch.randint(20, (2000,), generator=generator)]
-                         + 0.05 * torch.randn(2000, 48, generator=generator, dtype=torch.float64), dim=1)
+    noise = torch.randn(2000, 48, generator=generator, dtype=torch.float64)
+    nearest_base = base[torch.randint(20, (2000,), generator=generator)]
+    points = F.normalize(nearest_base + 0.05 * noise, dim=1)
     points = points.float()
     assignments = cmsf._assign_to_centroids(points, centroids, chunk_size=300)
     exact = (points.double() @ centroids.double().T).argmax(dim=1)
