@@ -404,14 +404,25 @@ def _exact_scores(queries, keys, idx):
                       for s in range(0, q.shape[0], rows)])
 
 
+# Rows of a batch that the bf16 prefilter searches again in float32, whatever the data: a fixed
+# share keeps the work (and the absence of host synchronisation) independent of the data. It covers
+# the largest share of uncertain rows measured (18 %, on a near-collapsed bank).
+PREFILTER_RESCAN_FRACTION = 0.25
+
+
 def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key_labels):
     """The float32 top-k at bfloat16 matmul speed. bf16 scores pick max(4k, 48) candidates per query,
     which are rescored in float32. A bf16 score is within err = (4u + d 2^-23) |q| max|key| of the
     float32 one (u = 2^-8: inputs and output rounded to bf16; float32 accumulation), and every key left
     out has a bf16 score <= the last candidate's, so a true score <= last + err: when that is below the
-    k-th float32 score, the top k are certainly among the candidates. Other rows are searched again in
-    float32 (measured: none of 256 rows on random 512-d unit vectors, k = 5, M = 131072, nor of 4096 on
-    a trained synthetic run's bank; 5-18 % of rows on a near-collapsed bank)."""
+    k-th float32 score, the top k are certainly among the candidates. Uncertain rows (measured: none
+    of 256 rows on random 512-d unit vectors, k = 5, M = 131072, nor of 4096 on a trained synthetic
+    run's bank; 5-18 % of rows on a near-collapsed bank) are searched again in float32. Without a
+    host synchronisation, the number of such rows cannot steer the work: a fixed share of the batch
+    (PREFILTER_RESCAN_FRACTION), the least certain rows first, is searched again and replaces the
+    uncertain ones. If more rows than that are uncertain, the surplus (the most nearly certified)
+    keeps the float32 top-k of its candidates, which can differ from the exact one only by keys
+    scoring within err of the k-th."""
     dim = keys.shape[1]
     if queries.is_cuda:  # the bound assumes float32 accumulation inside the bf16 matmul
         reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
@@ -419,23 +430,30 @@ def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key
     # the bf16 copy of a key chunk is chunk x d: at most 32 MiB of it at a time (eval: d = 2048)
     bf16_chunk_size = min(chunk_size, max(1024, (1 << 24) // dim))
     try:
-        candidate_sims, candidates = _chunked_topk(queries, keys, max(4 * k, 48), bf16_chunk_size, query_labels,
-                                                   key_labels, torch.bfloat16)
+        candidate_sims, candidates = _chunked_topk(queries, keys, max(4 * k, 48), bf16_chunk_size,
+                                                   query_labels, key_labels, torch.bfloat16)
     finally:
         if queries.is_cuda:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
-    sims = _exact_scores(queries, keys, candidates).masked_fill_(torch.isneginf(candidate_sims), -math.inf)
+    sims = _exact_scores(queries, keys, candidates)
+    sims = sims.masked_fill_(torch.isneginf(candidate_sims), -math.inf)
     sims, order = sims.topk(k, dim=1)
     idx = candidates.gather(1, order)
     key_norm = torch.stack([torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32).max()
                             for chunk in keys.split(chunk_size)]).max()
-    err = (4 * 2.0 ** -8 + dim * 2.0 ** -23) * torch.linalg.vector_norm(queries.float(), dim=1) * key_norm
+    query_norm = torch.linalg.vector_norm(queries.float(), dim=1)
+    err = (4 * 2.0 ** -8 + dim * 2.0 ** -23) * query_norm * key_norm
     last = candidate_sims[:, -1].float()
-    unsure = (torch.isfinite(last) & (last + err >= sims[:, -1])).nonzero().squeeze(1)
-    if unsure.numel():
-        unsure_labels = None if query_labels is None else query_labels[unsure]
-        sims[unsure], idx[unsure] = _chunked_topk(queries[unsure], keys, k, chunk_size, unsure_labels,
-                                                  key_labels, torch.float32)
+    excess = last + err - sims[:, -1]  # >= 0: a left-out key might beat the k-th
+    unsure = torch.isfinite(last) & (excess >= 0)
+    rescan_rows = min(queries.shape[0], math.ceil(PREFILTER_RESCAN_FRACTION * queries.shape[0]))
+    rescan = excess.masked_fill(~unsure, -math.inf).topk(rescan_rows).indices  # least certain first
+    rescan_labels = None if query_labels is None else query_labels[rescan]
+    rescan_sims, rescan_idx = _chunked_topk(queries[rescan], keys, k, chunk_size, rescan_labels,
+                                            key_labels, torch.float32)
+    replace = unsure[rescan].unsqueeze(1)
+    sims[rescan] = torch.where(replace, rescan_sims, sims[rescan])
+    idx[rescan] = torch.where(replace, rescan_idx, idx[rescan])
     return sims, idx
 
 
@@ -593,34 +611,112 @@ def is_main_process():
 
 
 def _slurm_to_torch_env():
-    """A bare `srun python script.py` sets only SLURM_* variables: derive the torch.distributed ones."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+    """Inside an srun step of several tasks (a bare `srun python script.py`), derive the variables
+    of torch.distributed from SLURM's. Only a step makes processes: the shell of an sbatch script
+    (SLURM_NTASKS=8, SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS) is one process, and treating it as
+    rank 0 of 8 would wait forever for ranks that never start. Variables already set (torchrun,
+    submitit) win."""
+    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or step_tasks is None:
         return
-    import subprocess
+    if _env_int("SLURM_STEP_NUM_TASKS") < 2:
+        return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = step_tasks
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        nodes = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]])
-        os.environ["MASTER_ADDR"] = nodes.decode().split()[0]
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+    if "MASTER_ADDR" not in os.environ:  # rank 0 runs on the step's first node
+        import subprocess
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+        try:
+            nodes = subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise UsageError(f"cannot name rank 0's node of this srun step ('scontrol show "
+                             f"hostnames {nodelist}' failed: {e}); export MASTER_ADDR=<first node> "
+                             "before srun")
+        os.environ["MASTER_ADDR"] = nodes.split()[0]
+    job_step = _env_int("SLURM_JOB_ID", 0) * 7 + _env_int("SLURM_STEP_ID", 0)
+    os.environ.setdefault("MASTER_PORT", str(20000 + job_step % 20000))
+
+
+def _env_int(name, default=None):
+    """An integer environment variable; a malformed one is a usage error, not a traceback."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer; "
+                         "unset or fix it")
+
+
+def _check_torch_env():
+    """(rank, world size) of this process from RANK / WORLD_SIZE, refusing what would hang in
+    init_process_group: a rank outside the world, half of the pair, a world the srun step
+    contradicts (torchrun under srun legitimately runs several processes per task, so it is
+    exempt), a missing rendezvous address."""
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if (rank is None) != (world_size is None) and (world_size or 1) > 1:
+        raise UsageError(f"RANK={rank} and WORLD_SIZE={world_size}: set both (torchrun does) "
+                         "or neither")
+    rank, world_size = rank or 0, world_size or 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"RANK={rank} but WORLD_SIZE={world_size}: a rank must be in "
+                         "0..WORLD_SIZE-1; unset RANK and WORLD_SIZE to run one process")
+    step_tasks = _env_int("SLURM_STEP_NUM_TASKS")
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (step_tasks is not None and world_size != step_tasks and not under_torchrun
+            and "SLURM_PROCID" in os.environ):
+        raise UsageError(f"WORLD_SIZE={world_size} but this srun step runs {step_tasks} task(s) "
+                         f"(SLURM_STEP_NUM_TASKS): launch with srun --ntasks {world_size}, or "
+                         "unset WORLD_SIZE and RANK")
+    if world_size > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise UsageError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: "
+                             "launch with torchrun or srun, or unset WORLD_SIZE to run one process")
+    return rank, world_size
+
+
+def select_device(device_arg, local_rank=0, world_size=1):
+    """--device: auto (a GPU if one is visible, else the CPU), cpu, cuda (cuda:LOCAL_RANK modulo the
+    visible GPUs) or cuda:N (one process on GPU N). Anything else is a usage error."""
+    name = device_arg or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise UsageError(f"--device {device_arg}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device_arg}: no CUDA GPU visible; use --device cpu")
+    count = torch.cuda.device_count()
+    if name == "cuda":
+        return torch.device("cuda", local_rank % count)
+    index = int(name[5:])
+    if index >= count:
+        raise UsageError(f"--device {device_arg}: {count} CUDA GPU(s) visible, "
+                         f"cuda:0 to cuda:{count - 1}")
+    if world_size > 1:
+        raise UsageError(f"--device {device_arg} names one GPU, but {world_size} processes run; "
+                         "use --device cuda (each process takes cuda:LOCAL_RANK)")
+    return torch.device("cuda", index)
 
 
 def init_distributed(device_arg=None):
-    """Initialise torch.distributed from torchrun's or SLURM/submitit's environment, or run as a
-    single process. Returns the torch.device this process computes on (cuda:LOCAL_RANK, or cpu).
-    NCCL on GPUs, gloo on CPU."""
+    """Initialise torch.distributed from torchrun's, srun's or submitit's environment, or run as a
+    single process; inputs that would make init_process_group wait forever are usage errors.
+    Returns the torch.device this process computes on (see select_device). NCCL on GPUs, gloo on
+    the CPU."""
     _slurm_to_torch_env()
-    use_cuda = torch.cuda.is_available() if device_arg in (None, "auto") else device_arg.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    _, world_size = _check_torch_env()
+    device = select_device(device_arg, _env_int("LOCAL_RANK", 0), world_size)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                                **({"device_id": device} if use_cuda else {}))
+    if world_size > 1 and not dist.is_initialized():
+        on_gpu = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
+                                **({"device_id": device} if on_gpu else {}))
     return device
 
 
@@ -639,14 +735,15 @@ def all_gather(tensor):
 def batch_shuffle(x, seed, step):
     """MoCo's shuffle-BN: deal the global batch out to the ranks in a random order, so that the target
     encoder's BatchNorm statistics on each rank mix images of all ranks. The permutation comes from
-    (seed, step), so every rank computes the same one without a broadcast and resume stays exact.
+    (seed, step) through a generator on x's device, so every rank draws the same one without a
+    broadcast or a blocking host-to-device copy, and resume stays exact.
     Returns (this rank's shuffled images, the index that undoes the shuffle)."""
     world_size = get_world_size()
     if world_size == 1:
         return x, None
     gathered = all_gather(x)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    permutation = torch.randperm(gathered.shape[0], generator=generator).to(x.device)
+    generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + step)
+    permutation = torch.randperm(gathered.shape[0], generator=generator, device=x.device)
     unshuffle_index = torch.argsort(permutation)
     local = permutation.view(world_size, -1)[get_rank()]
     return gathered[local], unshuffle_index
@@ -2096,9 +2193,24 @@ def amp_name(dtype):
     return "off" if dtype is None else str(dtype).removeprefix("torch.")
 
 
+def has_native_bf16(device):
+    """Whether `device` computes bfloat16 in hardware: CUDA compute capability 8.0 (Ampere) or
+    later. torch.cuda.is_bf16_supported() also answers yes where bf16 is only emulated (V100, T4:
+    slower than float16 and float32), so the capability is what decides."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def amp_dtype(amp, device):
-    """--amp: bf16 (default on GPU), fp16 (with a GradScaler) or none (default on CPU)."""
-    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    """--amp: the autocast dtype, or None for float32. Default (None): bf16 on GPUs with native
+    bf16, fp16 (with a GradScaler) on older GPUs, float32 on the CPU. `none`: float32 anywhere."""
+    if amp not in (None, "bf16", "fp16", "none"):
+        raise UsageError(f"--amp {amp}: expected bf16, fp16 or none")
+    if amp is None:
+        amp = "none" if device.type != "cuda" else "bf16" if has_native_bf16(device) else "fp16"
+    elif amp == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(f"--amp bf16: this GPU (compute capability {major}.{minor}) has no native "
+                         "bfloat16 (needs 8.0, Ampere or later); use --amp fp16 or --amp none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
