@@ -1,4 +1,4 @@
-"""eval_linear.py (SPEC §5): standardisation + linear head against float64, the lr steps, top-k
+"""eval_linear.py: standardisation + linear head against float64, the lr steps, top-k
 accuracy, the backbone-unchanged check, --train-list, and the script end to end (augmented, cached
 features, resume, two processes)."""
 import json
