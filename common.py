@@ -2243,7 +2243,43 @@ def _describe_format(checkpoint, prefix):
     return f"released/other checkpoint, prefix '{prefix}'"
 
 
-def load_backbone_weights(backbone, path):
+def read_weights_file(path, unsafe_load=False):
+    """The dict stored in a --weights file, loaded with torch.load(weights_only=True): tensors and
+    plain containers only, no code runs. Files that pickle other Python objects (old third-party
+    releases pickle argparse Namespaces) load only with unsafe_load=True (--unsafe-load)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path} does not exist; pass a checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not unsafe_load)
+    except Exception as e:
+        if not unsafe_load and "weights only load failed" in str(e).lower():
+            raise UsageError(f"{path} pickles Python objects besides tensors, which can run code when "
+                             "loaded; if you trust the file, pass --unsafe-load") from None
+        raise UsageError(f"cannot load {path} ({type(e).__name__}); the file is damaged or not a "
+                         "PyTorch checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")
+    return checkpoint
+
+
+def resolve_arch_and_image_size(checkpoint, path, arch, image_size, default_arch="resnet50",
+                                default_image_size=224):
+    """(arch, image_size) of the backbone to build. One of our checkpoints (a dict with "script" and
+    "args") knows both: a flag left at None takes the checkpoint's value, a flag that contradicts it
+    is a UsageError. Other files (torchvision or released state dicts) know neither: the defaults."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) and "script" in checkpoint else None
+    resolved = {}
+    for name, given, default in (("arch", arch, default_arch), ("image_size", image_size, default_image_size)):
+        stored = saved.get(name) if isinstance(saved, dict) else None
+        flag = "--" + name.replace("_", "-")
+        if stored is not None and given is not None and given != stored:
+            raise UsageError(f"{flag} {given} contradicts {path}, trained with {flag} {stored}; "
+                             f"drop {flag} or pass {flag} {stored}")
+        resolved[name] = given if given is not None else stored if stored is not None else default
+    return resolved["arch"], resolved["image_size"]
+
+
+def load_backbone_weights(backbone, path, checkpoint=None, unsafe_load=False):
     """Load the backbone weights of any checkpoint format into `backbone` (fc = Identity), strictly.
 
     Formats: our training checkpoints ("online" = Sequential(encoder, predictor), keys
@@ -2253,23 +2289,13 @@ def load_backbone_weights(backbone, path):
     projection/predictor/fc keys are ignored). How: every tensor of the (nested) file gets a dotted
     name; for each prefix we count the backbone's keys found under it, and take the prefix covering
     most of them, preferring the online/query network over the target/momentum one.
-    Strict: every backbone tensor must be found with the right shape (only BatchNorm's
-    num_batches_tracked counter may be absent), else UsageError. Returns a one-line summary."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--weights {path} does not exist; pass a checkpoint file")
-    note = ""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:
-        # Released checkpoints may pickle argparse Namespaces etc., which weights_only refuses.
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            note = "; the file holds Python objects, loaded with weights_only=False: use files you trust"
-        except Exception:
-            raise UsageError(f"cannot load {path} ({type(safe_error).__name__}); the file is damaged or not "
-                             "a PyTorch checkpoint") from None
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict")
+    Strict both ways: every backbone tensor must be found with the right shape (only BatchNorm's
+    num_batches_tracked counter may be absent), and no backbone tensor (conv1, bn1, layerN) may be
+    left over under the chosen prefix (a resnet18 file into a resnet10), else UsageError.
+    `checkpoint`: the file's dict when the caller already read it (read_weights_file).
+    Returns a one-line summary."""
+    if checkpoint is None:
+        checkpoint = read_weights_file(path, unsafe_load)
     tensors = _flatten_tensors(checkpoint)
     expected = backbone.state_dict()
     # Candidate prefixes: whatever precedes a backbone key name at a "." boundary.
@@ -2297,6 +2323,15 @@ def load_backbone_weights(backbone, path):
     if missing:
         raise UsageError(f"{path} misses {len(missing)} backbone weights under prefix '{prefix}' (e.g. "
                          f"{', '.join(missing[:4])}); check --arch")
+    # Leftovers: tensors under the prefix in the backbone's own modules that it has no slot for.
+    backbone_modules = {key.split(".")[0] for key in expected}
+    leftover = [name for name in tensors if name.startswith(prefix) and name[len(prefix):] not in expected
+                and name[len(prefix):].split(".")[0] in backbone_modules]
+    if leftover:
+        more = f" and {len(leftover) - 4} more" if len(leftover) > 4 else ""
+        raise UsageError(f"{path} holds {len(leftover)} backbone tensors under prefix '{prefix}' that this "
+                         f"backbone has no place for ({', '.join(leftover[:4])}{more}); the file is a "
+                         "larger ResNet: check --arch")
     state = {}
     for key, current in expected.items():
         value = tensors.get(prefix + key)
@@ -2309,7 +2344,7 @@ def load_backbone_weights(backbone, path):
     backbone.load_state_dict(state, strict=True)
     ignored = len(tensors) - len(coverage[prefix])
     return (f"loaded {len(coverage[prefix])} backbone tensors from {path} (format: "
-            f"{_describe_format(checkpoint, prefix)}; {ignored} other tensors ignored){note}")
+            f"{_describe_format(checkpoint, prefix)}; {ignored} other tensors ignored)")
 
 
 _default_amp_dtype = amp_dtype  # extract_features' argument of the same name shadows it
@@ -2340,9 +2375,12 @@ def extract_features(backbone, dataset, batch_size, workers, device, amp_dtype=N
     was_training = backbone.training
     backbone.eval()
 
+    memory_format = torch.channels_last if uses_channels_last(backbone) else torch.contiguous_format
+
     def forward(images):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return backbone(images.to(device, non_blocking=True)).float()
+            return backbone(images).float()
 
     feat_dim = forward(dataset[0][0].unsqueeze(0)).shape[1]  # on every rank, even one with no images
     features = torch.zeros(shard, feat_dim, device=device)
@@ -2409,3 +2447,104 @@ def knn_predict(train_features, train_labels, query_features, ks, num_classes, t
         if print_freq and ((chunk + 1) % print_freq == 0 or chunk + 1 == num_chunks):
             print(f"k-NN search [{chunk + 1}/{num_chunks}]", flush=True)
     return {k: (torch.cat(majority), torch.cat(weighted)) for k, (majority, weighted) in predictions.items()}
+
+
+def prepare_eval_backbone(backbone, device, channels_last=None):
+    """Move a frozen backbone to `device` for evaluation. On GPU (or with channels_last=True, which
+    the CPU tests use) its weights go channels_last, the layout cuDNN's convolutions are fastest in
+    (extract_features then feeds channels_last images); on GPU cudnn.benchmark picks the fastest
+    convolution algorithms for the fixed eval image size."""
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    backbone = backbone.to(device)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone
+
+
+def uses_channels_last(module):
+    """True if the module's first convolution weight is stored channels_last."""
+    for parameter in module.parameters():
+        if parameter.dim() == 4 and parameter.shape[1] * parameter.shape[2] * parameter.shape[3] > 1:
+            return parameter.is_contiguous(memory_format=torch.channels_last) and not parameter.is_contiguous()
+    return False
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's content (read in 16 MiB blocks)."""
+    import hashlib  # imported here: only the evaluation helpers hash
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_identity(path, seed=None):
+    """What identifies the weights behind cached features: the file's size and content hash (a
+    checkpoint rewritten in place at the same path gets a new key), or the random-init seed."""
+    if not path:
+        return f"random init (seed {seed})"
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def feature_cache_key(weights_id, **settings):
+    """The key of one cached feature file: the weights' identity (weights_identity, computed once
+    per run) and every setting that changes the features (arch, image size, dataset, split, ...)."""
+    return {"weights": weights_id, **settings}
+
+
+def feature_cache_path(cache_dir, key, label):
+    """<cache_dir>/<label>_<16 hex digits of the key's hash>.pt, or None when caching is off
+    (cache_dir None or "none")."""
+    if cache_dir is None or str(cache_dir).lower() == "none":
+        return None
+    import hashlib
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{label}_{digest}.pt")
+
+
+def load_cached_features(path, key, device="cpu"):
+    """The cached dict at `path` if it exists and was written under `key`, else None."""
+    if path is None or not os.path.isfile(path):
+        return None
+    cached = torch.load(path, map_location=device, weights_only=True)
+    return cached if cached.get("key") == key else None
+
+
+def save_cached_features(path, key, **entries):
+    """Write {"key": key, **entries} (tensors moved to CPU) atomically to `path` (None: caching off)."""
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint({"key": key, **{k: v.cpu() if torch.is_tensor(v) else v for k, v in entries.items()}},
+                    path)
+
+
+def read_subset_list(path, dataset, flag="--train-list"):
+    """Indices (sorted list) of the images of an ImageFolder `dataset` named in a subset file, and the
+    names not found. The file is SimCLR's 1 % / 10 % ImageNet format: one image file name per line
+    (e.g. n01440764_10026.JPEG), matched on the base name; blank lines are skipped. A missing or
+    empty file, a dataset without file names, or no match at all is a UsageError."""
+    if not hasattr(dataset, "samples"):
+        raise UsageError(f"{flag} names image files; it needs --dataset imagefolder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path} does not exist; pass a subset file such as 10percent.txt "
+                         "(one image file name per line)")
+    with open(path, errors="replace") as f:
+        names = [os.path.basename(line.strip()) for line in f if line.strip()]
+    if not names:
+        raise UsageError(f"{flag} {path} is empty; it must list image file names, one per line, "
+                         "e.g. n01440764_10026.JPEG")
+    indices_of = defaultdict(list)
+    for index, (image_path, _) in enumerate(dataset.samples):
+        indices_of[os.path.basename(image_path)].append(index)
+    not_found = [name for name in names if name not in indices_of]
+    indices = sorted({i for name in names for i in indices_of.get(name, [])})
+    if not indices:
+        example = os.path.basename(dataset.samples[0][0]) if dataset.samples else "none"
+        raise UsageError(f"none of the {len(names)} names in {flag} {path} (e.g. {', '.join(names[:3])}) "
+                         f"is an image of the train folder {getattr(dataset, 'root', '')} (e.g. {example}); "
+                         "the list must name files of this train folder")
+    return indices, not_found

@@ -1,4 +1,5 @@
-"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol).
+"""Linear evaluation of a frozen backbone (the MSF/CompRess protocol), and the authors'
+semi-supervised fine-tune protocol (--protocol semi).
 
 The backbone is frozen and in eval mode (BatchNorm uses its running statistics). The head is
   L2-normalise -> fixed standardisation -> Linear,
@@ -13,25 +14,35 @@ sanity check).
 
 --train-list FILE trains on a subset (the 1 % / 10 % ImageNet files of SimCLR: one image file name per
 line, e.g. n01440764_10026.JPEG); names not found in the train folder are reported.
+
+--protocol semi (the CMSF semi-supervised rows 67.4 ... 70.5 use it, not the linear probe): the
+backbone's weights stay frozen (its forward runs under no_grad) but it is in TRAIN mode while the head
+trains, so its BatchNorm running statistics adapt to the labeled subset; it is evaluated in eval mode
+with those statistics. Head: L2-normalise -> fixed standardisation (of the subset's features, computed
+once) -> Linear(c, c) -> BatchNorm1d(c) -> ReLU -> Linear(c, classes). SGD lr 0.001, momentum 0.9,
+wd 1e-4, 20 epochs, lr x 0.1 at epoch 15; train aug RandomResizedCrop + flip. Val is scored once, after
+training. checkpoint.pth holds the head and the backbone with its adapted statistics ("backbone",
+loadable with --weights). Under DDP the ranks' BatchNorm statistics are averaged after every epoch.
+  python eval_linear.py --protocol semi --data /imagenet --train-list 10percent.txt \\
+      --weights runs/cmsf_semi/checkpoint.pth --output-dir runs/cmsf_semi/semi_eval
 --cached-features is a faster approximation: the head trains on center-crop features extracted once
 (no augmentation), minutes instead of hours.
 
 Paper rows (ResNet-50, ImageNet, linear top-1), weights from train_msf.py / train_cmsf_self.py:
   random init 5.1          python eval_linear.py --data /imagenet --arch resnet50 --output-dir runs/random/linear
-  every trained row        torchrun --nproc_per_node 8 eval_linear.py --data /imagenet --arch resnet50 \\
+  every trained row        torchrun --nproc_per_node 8 eval_linear.py --data /imagenet \\
                                --weights runs/msf/checkpoint.pth --output-dir runs/msf/linear
   (BYOL-asym 69.3, MSF s/s 71.4, MSF w/s 1M 72.4, 256K 72.2, w/w 66.3, CMSF self 2Q 73.0, multi-crop 74.4)
   1 % / 10 % (MSF w/s 55.5 / 66.5): add --train-list 1percent.txt (or 10percent.txt) and a separate
                                --output-dir
-Laptop: python eval_linear.py --dataset synthetic --arch resnet18 --image-size 32 --epochs 10 \\
+--arch and --image-size are read from our training checkpoints.
+Laptop: python eval_linear.py --dataset synthetic --epochs 10 \\
             --batch-size 64 --weights runs/msf/checkpoint.pth --cached-features
 The head resumes from <output-dir>/checkpoint.pth (written atomically every epoch and on SIGUSR2/TERM).
 """
 import argparse
-import json
 import os
 import time
-from collections import defaultdict
 
 import torch
 import torch.nn as nn
@@ -52,18 +63,27 @@ def get_args_parser():
                    choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet of the weights")
-    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--unsafe-load", action="store_true", help="load a --weights file that pickles Python "
+                   "objects besides tensors (old third-party releases); this can run code: trusted files only")
+    p.add_argument("--protocol", default="linear", choices=["linear", "semi"],
+                   help="linear: frozen eval-mode backbone + linear head; semi: the authors' semi-supervised "
+                   "protocol (BatchNorm statistics adapt, MLP head; see the docstring)")
+    p.add_argument("--arch", default=None, help="torchvision ResNet of the weights (default: read from our "
+                   "training checkpoints, else resnet50)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size; <= 64 uses the small-image stem "
+                   "(default: read from our training checkpoints, else 224)")
     p.add_argument("--train-list", default=None, help="train on the images named in this file (1 %% / 10 %% "
                    "subsets, SimCLR format: one file name per line); needs --dataset imagefolder")
     p.add_argument("--cached-features", action="store_true", help="faster approximation: train the head on "
                    "center-crop features extracted once instead of augmented images")
-    p.add_argument("--epochs", type=int, default=40, help="epochs of the linear head")
+    p.add_argument("--epochs", type=int, default=None, help="default: 40 (linear), 20 (semi)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate (not scaled with the batch size)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the linear layer")
-    p.add_argument("--lr-drops", type=int, nargs="*", default=[15, 30], help="epochs where lr is multiplied by 0.1")
+    p.add_argument("--lr", type=float, default=None, help="learning rate, not scaled with the batch size "
+                   "(default: 0.01 linear, 0.001 semi)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the head")
+    p.add_argument("--lr-drops", type=int, nargs="*", default=None,
+                   help="epochs where lr is multiplied by 0.1 (default: 15 30 linear, 15 semi)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="mixed precision of the backbone forward (the head is float32); None: bf16 on GPU, none on CPU")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
@@ -102,8 +122,21 @@ class LinearHead(nn.Module):
         self.mean.copy_(mean.float())
         self.inv_std.copy_(var.clamp(min=0).add(eps).rsqrt().float())
 
+    def standardise(self, features):
+        return (F.normalize(features.float(), dim=1) - self.mean) * self.inv_std
+
     def forward(self, features):
-        return self.linear((F.normalize(features.float(), dim=1) - self.mean) * self.inv_std)
+        return self.linear(self.standardise(features))
+
+
+class SemiHead(LinearHead):
+    """The semi-supervised protocol's head: L2-normalise -> fixed standardisation -> Linear(c, c) ->
+    BatchNorm1d(c) -> ReLU -> Linear(c, classes)."""
+
+    def __init__(self, feat_dim, num_classes):
+        super().__init__(feat_dim, num_classes)
+        self.linear = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.BatchNorm1d(feat_dim), nn.ReLU(inplace=True),
+                                    nn.Linear(feat_dim, num_classes))
 
 
 def lr_at_epoch(base_lr, epoch, drops):
@@ -125,11 +158,14 @@ def evaluate(head, val_features, val_labels, chunk_size=8192):
     return topk_accuracy(logits, val_labels)
 
 
-def check_backbone_unchanged(backbone, reference_state):
-    """MoCo's sanity check, strict: every tensor of the backbone (BatchNorm statistics included) must
-    equal the state loaded before training. Raises RuntimeError naming the changed tensors."""
+def check_backbone_unchanged(backbone, reference_state, weights_only=False):
+    """MoCo's sanity check, strict: every tensor of the backbone (BatchNorm statistics included; with
+    weights_only=True, as in the semi protocol, only the parameters) must equal the state loaded before
+    training. Raises RuntimeError naming the changed tensors."""
     current = backbone.state_dict()
-    changed = [k for k, v in reference_state.items() if not torch.equal(current[k].detach().cpu(), v)]
+    names = {name for name, _ in backbone.named_parameters()} if weights_only else reference_state
+    changed = [k for k, v in reference_state.items()
+               if k in names and not torch.equal(current[k].detach().cpu(), v)]
     if changed:
         raise RuntimeError(f"the frozen backbone changed during linear evaluation ({len(changed)} tensors, "
                            f"e.g. {', '.join(changed[:4])}); the probe is invalid")
@@ -137,37 +173,22 @@ def check_backbone_unchanged(backbone, reference_state):
 
 # ---------------------------------------------------------------- data
 
-def train_subset_indices(dataset, train_list):
-    """Indices of the images of an ImageFolder train set named in `train_list` (SimCLR's format: one
-    file name per line, matched on the base name). Returns (indices, names not found)."""
-    if not os.path.isfile(train_list):
-        raise common.UsageError(f"--train-list {train_list} does not exist")
-    if not hasattr(dataset, "samples"):
-        raise common.UsageError("--train-list names image files; it needs --dataset imagefolder")
-    with open(train_list) as f:
-        names = [line.strip() for line in f if line.strip()]
-    by_name = defaultdict(list)
-    for index, (path, _) in enumerate(dataset.samples):
-        by_name[os.path.basename(path)].append(index)
-    indices, unmatched = [], []
-    for name in names:
-        found = by_name.get(os.path.basename(name))
-        if found:
-            indices.extend(found)
-        else:
-            unmatched.append(name)
-    if not indices:
-        raise common.UsageError(f"none of the {len(names)} names in {train_list} (e.g. {names[:2]}) is an image "
-                                f"of the train folder (e.g. {os.path.basename(dataset.samples[0][0])})")
-    return sorted(set(indices)), unmatched
-
-
 def train_augmentation(image_size):
     return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
 
 # ---------------------------------------------------------------- training
+
+def average_batchnorm_statistics(module):
+    """Average the BatchNorm running statistics over the ranks (semi protocol under DDP: each rank
+    adapted them on its own shard)."""
+    if common.get_world_size() > 1:
+        for name, buffer in module.named_buffers():
+            if "running_" in name:
+                torch.distributed.all_reduce(buffer)
+                buffer /= common.get_world_size()
+
 
 def train_one_epoch(args, epoch, batches, iters, start_iter, features_of, head, optimizer, lr, preemption, save):
     """One epoch over `batches` of (inputs, labels): images (augmented mode) or cached features."""
@@ -189,51 +210,66 @@ def train_one_epoch(args, epoch, batches, iters, start_iter, features_of, head, 
     return logger.averages()
 
 
+PROTOCOL_DEFAULTS = {"linear": {"epochs": 40, "lr": 0.01, "lr_drops": [15, 30]},
+                     "semi": {"epochs": 20, "lr": 0.001, "lr_drops": [15]}}
+
+
 def main(args):
     device = common.init_distributed(args.device)
     world_size, rank = common.get_world_size(), common.get_rank()
+    for name, value in PROTOCOL_DEFAULTS[args.protocol].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    semi = args.protocol == "semi"
     if args.batch_size < world_size or args.batch_size % world_size:
         raise common.UsageError(f"--batch-size {args.batch_size} (global) must be a positive multiple of the "
                                 f"number of processes ({world_size})")
     if args.weights and not os.path.isfile(args.weights):
         raise common.UsageError(f"--weights {args.weights} does not exist; pass a checkpoint file or omit it "
                                 "for a random-init baseline")
+    if semi and args.cached_features:
+        raise common.UsageError("--cached-features cannot run --protocol semi (its BatchNorm statistics adapt "
+                                "to augmented images); drop one of them")
+    checkpoint = common.read_weights_file(args.weights, args.unsafe_load) if args.weights else {}
+    args.arch, args.image_size = common.resolve_arch_and_image_size(checkpoint, args.weights, args.arch,
+                                                                    args.image_size)
     args.device_obj = device
     args.autocast_dtype = common.amp_dtype(args.amp, device)
     common.fix_random_seeds(args.seed)
     torch.manual_seed(args.seed)  # the same random init (no --weights) on every rank
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # ---- frozen backbone
-    backbone, feat_dim = common.build_backbone(args.arch, args.image_size)
-    source = common.load_backbone_weights(backbone, args.weights) if args.weights else \
-        f"random init (seed {args.seed}): no --weights given"
-    reference_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    backbone.to(device).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    log(f"{SCRIPT}: {args.arch} {args.image_size}px; {source}", flush=True)
-
-    # ---- data
+    # ---- data (checked before anything is written)
     train_base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                                    args.image_size, args.synthetic_images)
     val_base, _ = common.build_dataset(args.dataset, args.data, "val", args.download, args.image_size,
                                        args.synthetic_images)
     unmatched = []
     if args.train_list:
-        indices, unmatched = train_subset_indices(train_base, args.train_list)
+        indices, unmatched = common.read_subset_list(args.train_list, train_base)
         log(f"--train-list {args.train_list}: {len(indices) + len(unmatched)} names, {len(indices)} images "
             f"matched, {len(unmatched)} not found in the train folder"
             + (f" (e.g. {', '.join(unmatched[:3])})" if unmatched else ""), flush=True)
         train_base = torch.utils.data.Subset(train_base, indices)
     if len(train_base) < args.batch_size:
         raise common.UsageError(f"{len(train_base)} training images, fewer than --batch-size {args.batch_size}")
+
+    # ---- frozen backbone (weights frozen; in the semi protocol its BatchNorm statistics adapt)
+    backbone, feat_dim = common.build_backbone(args.arch, args.image_size)
+    source = common.load_backbone_weights(backbone, args.weights, checkpoint) if args.weights else \
+        f"random init (seed {args.seed}): no --weights given"
+    del checkpoint
+    reference_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    backbone = common.prepare_eval_backbone(backbone, device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    log(f"{SCRIPT}: {args.protocol} protocol, {args.arch} {args.image_size}px; {source}", flush=True)
     center_crop = common.eval_transform(args.image_size)
     sampler = common.ResumableSampler(len(train_base), args.batch_size, seed=args.seed)
     iters = sampler.iters_per_epoch
 
     # ---- head, optimizer, resume
-    head = LinearHead(feat_dim, num_classes).to(device)
+    head = (SemiHead if semi else LinearHead)(feat_dim, num_classes).to(device)
     head_ddp = nn.parallel.DistributedDataParallel(head) if world_size > 1 else head
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -242,27 +278,31 @@ def main(args):
     start_epoch, start_iter, best = 0, 0, {"top1": 0.0, "epoch": 0}
     if resume_path:
         ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
-        for name in ("weights", "train_list", "cached_features", "image_size"):
-            if ckpt["args"][name] != getattr(args, name):
+        for name in ("weights", "train_list", "cached_features", "image_size", "protocol"):
+            if ckpt["args"].get(name) != getattr(args, name):
                 raise common.UsageError(f"{resume_path} was trained with --{name.replace('_', '-')} "
-                                        f"{ckpt['args'][name]}, not {getattr(args, name)}; use another --output-dir")
+                                        f"{ckpt['args'].get(name)}, not {getattr(args, name)}; use another "
+                                        "--output-dir")
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if semi:  # the BatchNorm statistics adapted so far
+            backbone.load_state_dict(ckpt["backbone"])
         start_epoch, start_iter, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
         log(f"resumed the head from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}", flush=True)
     common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
 
     # ---- features extracted once: standardisation statistics (and the cached-features training set), val
-    train_features = train_labels = None
+    train_features = train_labels = val_features = val_labels = None
     if args.cached_features or not resume_path:
         train_features, train_labels = common.extract_features(
             backbone, common.IndexedDataset(train_base, center_crop), args.batch_size, args.workers, device,
             args.autocast_dtype, args.print_freq, header="train features (center crop)")
         if not resume_path:
             head.set_standardisation(train_features)
-    val_features, val_labels = common.extract_features(
-        backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
-        args.autocast_dtype, args.print_freq, header="val features")
+    if not semi:  # the backbone never changes: val features once, every epoch scores the head on them
+        val_features, val_labels = common.extract_features(
+            backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
+            args.autocast_dtype, args.print_freq, header="val features")
 
     if args.cached_features:
         def epoch_batches(epoch, start_iter):
@@ -277,6 +317,7 @@ def main(args):
         train_features = train_labels = None  # only needed for the statistics
         dataset = common.IndexedDataset(train_base, train_augmentation(args.image_size))
         loader = common.make_train_loader(dataset, sampler, args.workers, device)
+        memory_format = torch.channels_last if common.uses_channels_last(backbone) else torch.contiguous_format
 
         def epoch_batches(epoch, start_iter):
             sampler.set_epoch(epoch, start_iter)
@@ -284,9 +325,10 @@ def main(args):
 
         @torch.no_grad()
         def features_of(images):
+            backbone.train(semi)  # semi: BatchNorm uses and updates batch statistics; weights stay frozen
             with torch.autocast(device.type, dtype=args.autocast_dtype or torch.float32,
                                 enabled=args.autocast_dtype is not None):
-                return backbone(images).float()
+                return backbone(images.contiguous(memory_format=memory_format)).float()
 
     log(f"{'cached center-crop features' if args.cached_features else 'augmented images'}: "
         f"{len(train_base)} train, {len(val_base)} val images, {num_classes} classes, {world_size} process(es) "
@@ -295,6 +337,8 @@ def main(args):
     def save(epoch, iteration):
         state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch, "iteration": iteration,
                  "head": head.state_dict(), "optimizer": optimizer.state_dict(), "best": best}
+        if semi:
+            state["backbone"] = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
         if iteration == iters:
             state["epoch"], state["iteration"] = epoch + 1, 0
         if rank == 0:
@@ -305,34 +349,50 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         lr = lr_at_epoch(args.lr, epoch, args.lr_drops)
+        head.train()
         stats = train_one_epoch(args, epoch, epoch_batches(epoch, start_iter), iters, start_iter, features_of,
                                 head_ddp, optimizer, lr, preemption, save)
         start_iter = 0
-        top1, top5 = evaluate(head, val_features, val_labels)
-        if top1 > best["top1"] or best["epoch"] == 0:
-            best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
+        head.eval()
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["loss"]}
+        if semi:
+            backbone.eval()
+            average_batchnorm_statistics(backbone)
+            log(f"Epoch [{epoch + 1}/{args.epochs}] train loss {stats['loss']:.4f}", flush=True)
+        else:
+            top1, top5 = evaluate(head, val_features, val_labels)
+            if top1 > best["top1"] or best["epoch"] == 0:
+                best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
+            log(f"Epoch [{epoch + 1}/{args.epochs}] val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 "
+                f"{best['top1']:.2f} at epoch {best['epoch']})", flush=True)
+            record.update(val_top1=top1, val_top5=top5, best_top1=best["top1"])
         save(epoch, iters)
-        log(f"Epoch [{epoch + 1}/{args.epochs}] val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 "
-            f"{best['top1']:.2f} at epoch {best['epoch']})", flush=True)
-        common.append_json_log(args.output_dir, {"epoch": epoch + 1, "lr": lr, "train_loss": stats["loss"],
-                                                 "val_top1": top1, "val_top5": top5, "best_top1": best["top1"],
-                                                 "epoch_seconds": round(time.time() - start, 1)})
+        common.append_json_log(args.output_dir, dict(record, epoch_seconds=round(time.time() - start, 1)))
         if preemption.poll(device)[0]:
             preemption.exit(latest)
 
-    check_backbone_unchanged(backbone, reference_state)
+    backbone.eval()
+    check_backbone_unchanged(backbone, reference_state, weights_only=semi)
+    if semi:  # scored once, in eval mode with the adapted statistics
+        val_features, val_labels = common.extract_features(
+            backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
+            args.autocast_dtype, args.print_freq, header="val features (adapted BatchNorm statistics)")
     top1, top5 = evaluate(head, val_features, val_labels)
+    if semi:
+        best = {"top1": top1, "top5": top5, "epoch": args.epochs}
     results = {"weights": args.weights or "random init", "source": source, "arch": args.arch,
-               "dataset": args.dataset, "image_size": args.image_size,
+               "dataset": args.dataset, "image_size": args.image_size, "protocol": args.protocol,
                "mode": "cached center-crop features" if args.cached_features else "augmented images",
                "train_list": args.train_list, "train_images": len(train_base), "unmatched_names": len(unmatched),
-               "epochs": args.epochs, "final_top1": top1, "final_top5": top5, "best": best,
-               "backbone_unchanged": True}
+               "epochs": args.epochs, "lr": args.lr, "lr_drops": args.lr_drops, "final_top1": top1,
+               "final_top5": top5, "best": best,
+               "backbone_unchanged": "weights (BatchNorm statistics adapted)" if semi else True}
     if rank == 0:
-        with open(os.path.join(args.output_dir, "linear_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        common.write_json(os.path.join(args.output_dir, "linear_results.json"), results)
         label = "random init" if not args.weights else args.weights
-        print(f"\nlinear evaluation on {args.dataset} ({results['mode']}), {label}; backbone unchanged (checked):\n"
+        checked = "backbone weights unchanged (checked), BatchNorm statistics adapted" if semi else \
+            "backbone unchanged (checked)"
+        print(f"\n{args.protocol} evaluation on {args.dataset} ({results['mode']}), {label}; {checked}:\n"
               f"| | top-1 | top-5 |\n|---|---|---|\n| final (epoch {args.epochs}) | {top1:.2f} | {top5:.2f} |\n"
               f"| best (epoch {best['epoch']}) | {best['top1']:.2f} | {best.get('top5', 0):.2f} |", flush=True)
 

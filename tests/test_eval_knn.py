@@ -6,13 +6,14 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import common
 import eval_knn
-from conftest import REPO_ROOT, free_port, run_script
+from conftest import REPO_ROOT, assert_usage_error, free_port, run_script
 
 T = 0.07
 
@@ -185,3 +186,94 @@ def test_eval_knn_random_init_float16(tmp_path):
     assert results["weights"] == "random init" and results["feature_dtype"] == "float16"
     (name,) = [n for n in os.listdir(tmp_path / "out" / "features") if "_train_" in n]
     assert torch.load(tmp_path / "out" / "features" / name)["features"].dtype == torch.float16
+
+
+# ---------------------------------------------------------------- --train-list, cache keys
+
+def approx_percent(value):
+    return pytest.approx(value, abs=1e-4)  # the script averages in float32
+
+
+def cached_entries(cache_dir):
+    entries = [torch.load(os.path.join(cache_dir, name)) for name in os.listdir(cache_dir)]
+    return {entry["key"]["split"]: entry for entry in entries}
+
+
+def test_eval_knn_train_list_uses_the_subset_as_database(tmp_path):
+    from test_eval_linear import write_named_imagefolder
+    root = write_named_imagefolder(tmp_path / "data", classes=3, per_class=20)
+    subset = [f"n{i % 3:08d}_{i}.JPEG" for i in range(0, 60, 2)]  # 30 of the 60 train images
+    (tmp_path / "10percent.txt").write_text("\n".join(subset + ["n00000009_999.JPEG"]) + "\n")
+    result = run_script("eval_knn.py", "--dataset", "imagefolder", "--data", root, "--arch", "resnet10",
+                        "--image-size", "16", "--workers", "0", "--train-list", tmp_path / "10percent.txt",
+                        "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "30 train images are the database; 1 names not found" in result.stdout
+    results = json.loads((tmp_path / "out" / "knn_results.json").read_text())
+    assert results["train_images"] == 30 and list(results["accuracy"]) == ["1", "5", "10", "20"]
+    cache = cached_entries(tmp_path / "out" / "features")
+    train, val = cache["train"], cache["val"]
+    assert train["features"].shape[0] == 30 and val["features"].shape[0] == 60
+    assert sorted(train["labels"].tolist()) == sorted(int(name[1:9]) for name in subset)
+    for k in (1, 5, 10, 20):  # the reported numbers are the float64 brute force's on the subset
+        majority, weighted = reference_predictions(train["features"], train["labels"], val["features"], k, 3)
+        assert results["accuracy"][str(k)]["majority_top1"] == approx_percent(
+            100 * (majority == val["labels"]).double().mean().item())
+        assert results["accuracy"][str(k)]["weighted_top1"] == approx_percent(
+            100 * (weighted == val["labels"]).double().mean().item())
+    (tmp_path / "empty.txt").write_text("\n\n")
+    bad = run_script("eval_knn.py", "--dataset", "imagefolder", "--data", root, "--arch", "resnet10",
+                     "--image-size", "16", "--workers", "0", "--train-list", tmp_path / "empty.txt",
+                     "--output-dir", tmp_path / "out2", "--cache-dir", "none")
+    assert_usage_error(bad, "--train-list", "is empty")
+
+
+def test_knn_predict_on_a_subset_database_matches_float64_brute_force():
+    train, train_labels, queries = random_problem(5, num_train=200)
+    subset = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:37]
+    predictions = common.knn_predict(train[subset], train_labels[subset], queries, [1, 5, 10, 20], 4, T,
+                                     train_chunk_size=11, query_chunk_size=7)
+    for k in (1, 5, 10, 20):
+        majority, weighted = reference_predictions(train[subset], train_labels[subset], queries, k, 4)
+        assert torch.equal(predictions[k][0], majority) and torch.equal(predictions[k][1], weighted)
+
+
+def test_stale_cache_is_not_reused_after_the_checkpoint_is_rewritten_and_cache_can_be_off(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "backbone.pth"
+    torch.save(common.build_backbone("resnet10", 16)[0].state_dict(), weights)
+    first = run_script("eval_knn.py", *knn_argv(tmp_path / "out", "--weights", weights))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = cached_entries(tmp_path / "out" / "features")["val"]["features"]
+    stat = os.stat(weights)
+    torch.manual_seed(1)
+    torch.save(common.build_backbone("resnet10", 16)[0].state_dict(), weights)  # same path and size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even the same mtime
+    second = run_script("eval_knn.py", *knn_argv(tmp_path / "out", "--weights", weights))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "cached features" not in second.stdout
+    entries = [torch.load(tmp_path / "out" / "features" / n) for n in os.listdir(tmp_path / "out" / "features")]
+    after = [e["features"] for e in entries if e["key"]["split"] == "val" and not torch.equal(e["features"], before)]
+    assert len(entries) == 4 and len(after) == 1
+    off = run_script("eval_knn.py", *knn_argv(tmp_path / "off", "--weights", weights, "--cache-dir", "none"))
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert not (tmp_path / "off" / "features").exists() and os.listdir(tmp_path / "off") == ["knn_results.json"]
+    assert json.loads((tmp_path / "off" / "knn_results.json").read_text())["accuracy"] == json.loads(
+        (tmp_path / "out" / "knn_results.json").read_text())["accuracy"]
+
+
+def test_channels_last_features_equal_contiguous_ones_on_cpu():
+    """The GPU layout path (channels_last weights and images) runs here on CPU, forced."""
+    torch.manual_seed(0)
+    backbone = common.build_backbone("resnet10", 16)[0]
+    dataset = common.IndexedDataset(common.SyntheticShapes("val", 12, image_size=16, num_classes=3),
+                                    common.eval_transform(16))
+    cpu = torch.device("cpu")
+    plain, labels = common.extract_features(backbone, dataset, 5, 0, cpu)
+    assert not common.uses_channels_last(backbone)
+    backbone = common.prepare_eval_backbone(backbone, cpu, channels_last=True)
+    assert common.uses_channels_last(backbone) and backbone.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    fast, fast_labels = common.extract_features(backbone, dataset, 5, 0, cpu)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(labels, fast_labels)

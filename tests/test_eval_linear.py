@@ -79,18 +79,23 @@ def write_named_imagefolder(root, classes=3, per_class=6):
     return str(root)
 
 
-def test_train_list_matches_file_names(tmp_path):
+def test_read_subset_list_matches_file_names(tmp_path):
     root = write_named_imagefolder(tmp_path / "data")
     dataset, _ = common.build_dataset("imagefolder", root, "train")
     list_file = tmp_path / "1percent.txt"
     list_file.write_text("n00000000_0.JPEG\nn00000001_4.JPEG\n\nn00000002_17.JPEG\nn99999999_1.JPEG\n")
-    indices, unmatched = eval_linear.train_subset_indices(dataset, str(list_file))
+    indices, unmatched = common.read_subset_list(str(list_file), dataset)
     names = [os.path.basename(dataset.samples[i][0]) for i in indices]
     assert sorted(names) == ["n00000000_0.JPEG", "n00000001_4.JPEG", "n00000002_17.JPEG"]
     assert unmatched == ["n99999999_1.JPEG"]
     list_file.write_text("nothing_here.JPEG\n")
     with pytest.raises(common.UsageError, match="none of the 1 names"):
-        eval_linear.train_subset_indices(dataset, str(list_file))
+        common.read_subset_list(str(list_file), dataset)
+    list_file.write_text("\n  \n")
+    with pytest.raises(common.UsageError, match="is empty"):
+        common.read_subset_list(str(list_file), dataset)
+    with pytest.raises(common.UsageError, match="does not exist"):
+        common.read_subset_list(str(tmp_path / "absent.txt"), dataset)
 
 
 def test_train_list_script_reports_unmatched(tmp_path):
@@ -180,3 +185,59 @@ def test_eval_linear_two_processes_match_one(tmp_path):
     b = torch.load(tmp_path / "two" / "checkpoint.pth")["head"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- --protocol semi
+
+def test_semi_protocol_adapts_batchnorm_only_and_trains_the_head(tmp_path):
+    root = write_named_imagefolder(tmp_path / "data", classes=3, per_class=8)
+    (tmp_path / "10percent.txt").write_text("\n".join(f"n{i % 3:08d}_{i}.JPEG" for i in range(0, 24, 2)) + "\n")
+    torch.manual_seed(0)
+    backbone = common.build_backbone("resnet10", 16)[0]
+    torch.save({"script": "train_msf.py", "args": {"arch": "resnet10", "image_size": 16},
+                "online": {"0.backbone." + k: v for k, v in backbone.state_dict().items()}}, tmp_path / "ckpt.pth")
+    result = run_script("eval_linear.py", "--protocol", "semi", "--dataset", "imagefolder", "--data", root,
+                        "--weights", tmp_path / "ckpt.pth", "--train-list", tmp_path / "10percent.txt",
+                        "--batch-size", "4", "--workers", "0", "--epochs", "2", "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backbone weights unchanged (checked), BatchNorm statistics adapted" in result.stdout
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pth")
+    assert checkpoint["args"]["lr"] == 0.001 and checkpoint["args"]["lr_drops"] == [15]
+    adapted = checkpoint["backbone"]
+    parameters = {name for name, _ in backbone.named_parameters()}
+    for key, value in backbone.state_dict().items():
+        if key in parameters:
+            assert torch.equal(adapted[key], value), key  # weights byte-identical
+    changed = [k for k in adapted if "running_" in k and not torch.equal(adapted[k], backbone.state_dict()[k])]
+    assert len(changed) == len([k for k in adapted if "running_" in k])  # every BatchNorm adapted
+    head = eval_linear.SemiHead(512, 3)
+    head.load_state_dict(checkpoint["head"])
+    assert [type(m).__name__ for m in head.linear] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    torch.manual_seed(0)
+    fresh = eval_linear.SemiHead(512, 3)
+    assert not torch.equal(head.linear[0].weight, fresh.linear[0].weight)  # the head trained
+    assert head.linear[1].running_mean.abs().sum() > 0
+
+    # the reported top-1: the saved head on features of the adapted backbone in eval mode, computed here
+    model = common.build_backbone("resnet10", 16)[0]
+    summary = common.load_backbone_weights(model, str(tmp_path / "out" / "checkpoint.pth"))
+    assert "prefix 'backbone.'" in summary
+    model.eval()
+    head.eval()
+    val, _ = common.build_dataset("imagefolder", root, "val")
+    transform = common.eval_transform(16)
+    images = torch.stack([transform(val[i][0]) for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        expected = 100 * (head(model(images)).argmax(1) == labels).double().mean().item()
+    results = json.loads((tmp_path / "out" / "linear_results.json").read_text())
+    assert results["protocol"] == "semi" and results["train_images"] == 12
+    assert results["final_top1"] == pytest.approx(expected, abs=1e-4)
+
+    (tmp_path / "empty.txt").write_text("")
+    for list_file, message in ((tmp_path / "empty.txt", "is empty"), (tmp_path / "absent.txt", "does not exist")):
+        bad = run_script("eval_linear.py", "--protocol", "semi", "--dataset", "imagefolder", "--data", root,
+                         "--weights", tmp_path / "ckpt.pth", "--train-list", list_file, "--workers", "0",
+                         "--output-dir", tmp_path / "bad")
+        assert_usage_error(bad, "--train-list", message)
+        assert not (tmp_path / "bad").exists()

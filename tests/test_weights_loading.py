@@ -87,19 +87,79 @@ def test_released_checkpoint_layouts(tmp_path, entry, query_prefix, target_prefi
     assert f"prefix '{entry}.{query_prefix}'" in summary
 
 
-def test_released_checkpoint_with_python_objects_and_old_batchnorm(tmp_path):
-    """Released files may pickle an argparse Namespace (weights_only refuses it) and predate
-    BatchNorm's num_batches_tracked counter."""
+def test_python_objects_need_unsafe_load_and_old_batchnorm_loads(tmp_path):
+    """Released files may pickle an argparse Namespace (weights_only refuses it): refused with a
+    one-line error by default, loaded with unsafe_load=True; they may predate num_batches_tracked."""
     query = random_encoder(5)
     state = {k: v for k, v in prefixed(query.backbone.state_dict(), "module.encoder_q.").items()
              if not k.endswith("num_batches_tracked")}
     torch.save({"state_dict": state, "args": argparse.Namespace(arch="resnet50")}, tmp_path / "old.pth")
+    with pytest.raises(common.UsageError, match="pickles Python objects.*--unsafe-load"):
+        common.load_backbone_weights(fresh_backbone(), str(tmp_path / "old.pth"))
     backbone = fresh_backbone()
-    summary = common.load_backbone_weights(backbone, str(tmp_path / "old.pth"))
+    common.load_backbone_weights(backbone, str(tmp_path / "old.pth"), unsafe_load=True)
     for key, value in query.backbone.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(backbone.state_dict()[key], value)
-    assert "weights_only=False" in summary
+    result = run_script("eval_knn.py", "--dataset", "synthetic", "--synthetic-images", "16", "--arch", ARCH,
+                        "--image-size", str(SIZE), "--workers", "0", "--weights", tmp_path / "old.pth",
+                        "--output-dir", tmp_path / "out")
+    assert_usage_error(result, "pickles Python objects", "--unsafe-load")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UsageError, match="damaged or not a PyTorch checkpoint"):
+        common.load_backbone_weights(fresh_backbone(), str(tmp_path / "garbage.pth"), unsafe_load=True)
+
+
+def test_larger_resnet_into_smaller_arch_names_the_leftovers(tmp_path):
+    """Strict the other way: a resnet18 file into --arch resnet10 leaves layerN.1.* unused: an error."""
+    torch.manual_seed(8)
+    resnet18 = common.build_backbone("resnet18", SIZE)[0]
+    online = {"0.backbone." + k: v for k, v in resnet18.state_dict().items()}
+    torch.save({"script": "train_msf.py", "args": {"arch": "resnet18", "image_size": SIZE}, "online": online},
+               tmp_path / "r18.pth")
+    torch.save(resnet18.state_dict(), tmp_path / "r18_torchvision.pth")
+    leftovers = len([k for k in resnet18.state_dict() if k not in fresh_backbone().state_dict()])
+    assert leftovers > 4
+    for name, prefix in (("r18.pth", "online.0.backbone."), ("r18_torchvision.pth", "")):
+        with pytest.raises(common.UsageError) as error:
+            common.load_backbone_weights(fresh_backbone(), str(tmp_path / name))
+        message = str(error.value)
+        assert f"holds {leftovers} backbone tensors under prefix '{prefix}'" in message
+        assert f"{prefix}layer1.1.conv1.weight" in message and f"and {leftovers - 4} more" in message
+    result = run_script("eval_knn.py", "--dataset", "synthetic", "--synthetic-images", "16", "--workers", "0",
+                        "--arch", "resnet10", "--weights", tmp_path / "r18_torchvision.pth",
+                        "--image-size", str(SIZE), "--output-dir", tmp_path / "out")
+    assert_usage_error(result, "backbone tensors under prefix", "layer1.1.conv1.weight", "--arch")
+
+
+def test_arch_and_image_size_come_from_our_checkpoint():
+    ours = {"script": "train_msf.py", "args": {"arch": "resnet18", "image_size": 32}}
+    assert common.resolve_arch_and_image_size(ours, "c.pth", None, None) == ("resnet18", 32)
+    assert common.resolve_arch_and_image_size(ours, "c.pth", "resnet18", 32) == ("resnet18", 32)
+    assert common.resolve_arch_and_image_size({"conv1.weight": None}, "tv.pth", None, None) == ("resnet50", 224)
+    assert common.resolve_arch_and_image_size({}, None, "resnet10", 16) == ("resnet10", 16)
+    with pytest.raises(common.UsageError, match="--arch resnet10 contradicts c.pth, trained with --arch resnet18"):
+        common.resolve_arch_and_image_size(ours, "c.pth", "resnet10", None)
+    with pytest.raises(common.UsageError, match="--image-size 64 contradicts c.pth, trained with --image-size 32"):
+        common.resolve_arch_and_image_size(ours, "c.pth", None, 64)
+
+
+def test_scripts_read_arch_and_image_size_and_refuse_contradictions(tmp_path, tiny_msf_run):
+    output_dir, _ = tiny_msf_run  # resnet10, 16 px
+    checkpoint = output_dir / "checkpoint.pth"
+    knn = run_script("eval_knn.py", "--dataset", "synthetic", "--synthetic-images", "32", "--workers", "0",
+                     "--k", "1", "--weights", checkpoint, "--output-dir", tmp_path / "knn")
+    assert knn.returncode == 0, knn.stderr[-3000:]
+    assert "eval_knn.py: resnet10 16px" in knn.stdout
+    for script in ("eval_knn.py", "eval_linear.py"):
+        result = run_script(script, "--dataset", "synthetic", "--synthetic-images", "32", "--workers", "0",
+                            "--arch", "resnet18", "--weights", checkpoint, "--output-dir", tmp_path / "bad")
+        assert_usage_error(result, "--arch resnet18 contradicts", "--arch resnet10")
+    result = run_script("transfer_eval.py", "--image-size", "32", "--weights", checkpoint, "--data-root", tmp_path,
+                        "--datasets", "dtd", "--output-dir", tmp_path / "bad", "--device", "cpu")
+    assert_usage_error(result, "--image-size 32 contradicts", "--image-size 16")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_no_backbone_is_a_clear_error(tmp_path):

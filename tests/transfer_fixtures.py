@@ -106,16 +106,24 @@ def make_cifar100(root, rng, train_per_class=8, test_per_class=3):
                                          "coarse_label_names": ["fruit_and_vegetables"]})
 
 
-def make_sun397(root, rng, per_class=8):
+def make_sun397(root, rng, per_class=8, train_per_class=4):
+    """SUN397/ClassName.txt, the images, and the official partition files Training_01.txt /
+    Testing_01.txt (the first train_per_class images of a class train, the rest test)."""
     base = os.path.join(root, "SUN397")
     class_paths = ["/a/abbey", "/b/bakery/shop", "/c/canyon"]  # nested names exist in the real list
     os.makedirs(base, exist_ok=True)
     with open(os.path.join(base, "ClassName.txt"), "w") as f:
         f.write("\n".join(class_paths) + "\n")
+    partitions = {"Training_01.txt": [], "Testing_01.txt": []}
     for label, class_path in enumerate(class_paths):
         for i in range(per_class):
             name = f"sun_{label}{i:04d}{'abcdefgh'[i % 8]}.jpg"
             _write_image(os.path.join(base, *class_path.strip("/").split("/"), name), rng, label, _mode(i))
+            partition = "Training_01.txt" if i < train_per_class else "Testing_01.txt"
+            partitions[partition].append(f"{class_path}/{name}")
+    for partition, lines in partitions.items():
+        with open(os.path.join(base, partition), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _cars_annotations(path, rng, image_folder, first_id, count_per_class):
@@ -200,12 +208,16 @@ def make_pets(root, rng, trainval_per_class=8, test_per_class=3):
             f.write("\n".join(lines) + "\n")
 
 
-def make_caltech101(root, rng, per_class=8):
+CALTECH101_FOLDERS = ("BACKGROUND_Google", "Faces", "accordion", "airplanes")  # sorted: 4 classes
+
+
+def make_caltech101(root, rng, per_class=40):
+    """101_ObjectCategories/<class>/image_XXXX.jpg with BACKGROUND_Google, a class of the protocol (torchvision's
+    Caltech101 drops it); its images share Faces' colour, so the two are hard to tell apart."""
     categories = os.path.join(root, "caltech101", "101_ObjectCategories")
-    # BACKGROUND_Google is in the real archive; torchvision drops it, it must still exist
-    for folder in ("BACKGROUND_Google", "Faces", "accordion", "airplanes"):
+    for folder in CALTECH101_FOLDERS:
         label = {"BACKGROUND_Google": 0, "Faces": 0, "accordion": 1, "airplanes": 2}[folder]
-        for i in range(1, (2 if folder == "BACKGROUND_Google" else per_class) + 1):
+        for i in range(1, per_class + 1):  # 30 draws with replacement from 40 leave ~19 for test
             _write_image(os.path.join(categories, folder, f"image_{i:04d}.jpg"), rng, label, _mode(i))
 
 
