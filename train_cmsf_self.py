@@ -8,10 +8,13 @@ are the k members of C closest to t.  loss = (constrained MSF loss + unconstrain
 Images without a previous visit (epoch 1) use plain MSF for both terms. `--constraint kmeans` (CMSF-KM)
 instead clusters the per-image embeddings every epoch and constrains to the sample's cluster.
 
-Paper rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 5, k' = 5, M = 128K; linear / 1-NN / 20-NN):
-  CMSF 2Q (128K)         73.0 / 63.2 / 66.4   python train_cmsf_self.py --data /imagenet
-  CMSF-KM (128K)         72.9 / 63.2 / 66.2   python train_cmsf_self.py --data /imagenet --constraint kmeans
-  CMSF 2Q + multi-crop   74.4 / 62.3 / 66.2   python train_cmsf_self.py --data /imagenet --local-crops-number 6
+Paper rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 5, k' = 5, M = 128K, BatchNorm over 64
+images, float32; linear / 1-NN / 20-NN): `python train_cmsf_self.py --data /imagenet --amp none` plus
+  CMSF 2Q (128K)         73.0 / 63.2 / 66.4   (no more flags)
+  CMSF-KM (128K)         72.9 / 63.2 / 66.2   --constraint kmeans
+  CMSF 2Q + multi-crop   74.4 / 62.3 / 66.2   --local-crops-number 6
+Cross-modal (the CMSF poster's "NNs in other modalities"; no table number): --constraint embeddings
+--constraint-embeddings FILE, FILE from tools/write_embeddings.py or any {"paths", "embeddings"} file.
 The multi-crop recipe is ours (upstream never released it): SwAV-style 2 x 224 (target + query) plus
 6 x 96 strong-augmented query crops with RandomResizedCrop scale (0.05, 0.2), all pulled to the same
 neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ... (--batch-size is global).

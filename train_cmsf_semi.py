@@ -8,19 +8,20 @@ small pseudo-labeler (MLP on the normalised target embedding, trained twice per 
 labeled target embeddings) when its softmax confidence is >= --threshold, else no label: such samples
 fall back to unconstrained MSF. loss = mean over the k nearest (same-label) entries of dist(q, z_j).
 
-Rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 10, M = 128K, weak/strong; top-1 of the linear
-head trained on the labeled subset):
-  10 % labels, CMSF (pseudo), fp32    69.9   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt \\
-                                                 --amp none
-  10 % labels, CMSF (pseudo), mixed   70.5   python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt
-  10 % labels, CMSF (labels only)     68.6   ... --labeled-list 10percent.txt --amp none --threshold 1.01
-  10 % labels, MSF                    67.4   python train_msf.py --data /imagenet --mem-bank-size 128000 --topk 10
-   1 % labels, CMSF (pseudo)           n/a   python train_cmsf_semi.py --data /imagenet --labeled-list 1percent.txt
+Rows (ResNet-50, ImageNet, 200 epochs, k = 10, M = 128K, weak/strong, BatchNorm over 64 images;
+top-1 of the authors' semi-supervised protocol, `eval_linear.py --protocol semi --train-list
+10percent.txt`): `python train_cmsf_semi.py --data /imagenet --labeled-list 10percent.txt` plus
+  CMSF (pseudo), fp32, batch 256            69.9   --amp none
+  CMSF (pseudo), mixed precision, batch 768 70.5   --batch-size 768 --amp bf16 (the authors: fp16)
+  CMSF (labels only), fp32                  68.6   --amp none --threshold 1.01
+  1 % labels, CMSF (pseudo)                  n/a   --labeled-list 1percent.txt --amp none
+  MSF                                       67.4   python train_msf.py --data /imagenet --amp none \
+                                                     --mem-bank-size 128000 --topk 10
   other data: a seeded per-class fraction, e.g. --dataset cifar10 --data /cifar --labeled-fraction 0.1
 The 1 % / 10 % lists are the standard SimCLR subset files (one file name per line, n01440764_10026.JPEG).
-Mixed precision is the GPU default (bf16). We read "68.6" as CMSF without pseudo-labels (only labeled
-images constrained): a threshold above 1 gives that, as no prediction is ever that confident. The MSF
-row's exact setting is not published; the command above is our closest match.
+We read "68.6" as CMSF without pseudo-labels (only labeled images constrained): a threshold above 1
+gives that, as no prediction is ever that confident. The MSF row's exact setting is not published;
+the command above is our closest match.
 Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_semi.py ...  (--batch-size is the global batch).
 """
 import argparse

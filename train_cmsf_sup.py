@@ -8,15 +8,14 @@ t of dist(q, z_j). The search still picks the nearest within the class, so a few
 class only add a few far-away candidates (robustness to label noise). `--topk 0` ("top-all") pulls q
 towards every same-label entry in the bank.
 
-Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong). The papers and posters give
-no numbers for these rows (the CMSF poster shows a figure only: "relatively robust to label noise"):
-  supervised, k = 10      python train_cmsf_sup.py --data /imagenet
-  supervised, top-all     python train_cmsf_sup.py --data /imagenet --topk 0
-  noisy 5 %               python train_cmsf_sup.py --data /imagenet --label-noise 0.05
-  noisy 10 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.10
-  noisy 25 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.25
-  noisy 50 %              python train_cmsf_sup.py --data /imagenet --label-noise 0.50
-  fixed noisy list        python train_cmsf_sup.py --data /imagenet --noisy-labels noisy_25.txt
+Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong, BatchNorm over 64 images,
+float32). The papers and posters give no numbers for these rows (the CMSF poster shows a figure
+only: "relatively robust to label noise"): `python train_cmsf_sup.py --data /imagenet --amp none` plus
+  supervised, k = 10      (no more flags)
+  supervised, top-all     --topk 0
+  noisy 5/10/25/50 %      --label-noise 0.05 (0.10, 0.25, 0.50)
+  fixed noisy list        --noisy-labels noisy_25.txt
+  Xent baseline           --loss xent --label-noise 0.25 (the same labels, cross-entropy)
 For comparison (MSF poster): MSF w/s (128K) 72.1 / 62.0 / 65.2 linear / 1-NN / 20-NN.
 Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_sup.py ...  (--batch-size is the global batch).
 Purity in the log is measured against the CLEAN labels, so with noise it shows how often the
