@@ -36,26 +36,42 @@ class UsageError(Exception):
 
 
 def run_main(main, parser):
-    """Parse the command line with `parser` (a parent parser, add_help=False) and run `main(args)`.
-
-    A UsageError, also one raised inside a DataLoader worker or on another rank, becomes a single
-    line on stderr and exit code 2 instead of a traceback."""
+    """Parse the command line with `parser` (a parent parser, add_help=False) and run `main(args)`
+    through run_guarded."""
     import argparse
     full_parser = argparse.ArgumentParser(parents=[parser], description=parser.description,
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    args = full_parser.parse_args()
+    run_guarded(main, full_parser.parse_args())
+
+
+# Set once a training run has passed its set-up: before, every rank checks the same inputs and fails
+# alike (rank 0 alone reports); after, an error may belong to one rank (each reports its own).
+_RANKS_MAY_DIFFER = False
+
+
+def run_guarded(main, args):
+    """Run `main(args)` (directly or in a submitit task): a UsageError, also one raised inside a
+    DataLoader worker, becomes one line `error: ...` on stderr and exit code 2 (a RunFailed, such as
+    a diverged loss that every rank agreed on, exit code 1) instead of a traceback; a rank whose
+    peer failed first stops with one line too; the process group is always shut down."""
+    distributed = lambda: dist.is_available() and dist.is_initialized()  # noqa: E731
     try:
         main(args)
     except UsageError as e:
-        # DataLoader workers re-raise as "Caught UsageError in DataLoader worker ... Original Traceback";
-        # the user only needs the last line.
-        message = str(e).strip().splitlines()[-1]
-        message = message.split("UsageError: ", 1)[-1]
-        if is_main_process() or not (dist.is_available() and dist.is_initialized()):
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        # DataLoader workers re-raise as "Caught UsageError in DataLoader worker ... Original
+        # Traceback"; the user only needs the last line.
+        message = str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]
+        agreed = isinstance(e, RunFailed) or not _RANKS_MAY_DIFFER
+        if is_main_process() or not distributed() or not agreed:
+            rank = f"[rank {get_rank()}] " if distributed() and not agreed else ""
+            print(f"error: {rank}{message}", file=sys.stderr, flush=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except dist.DistBackendError as e:  # a collective broke because another process stopped
+        print(f"error: [rank {get_rank()}] another process of this run stopped ({type(e).__name__}); "
+              "its own error line says why", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.destroy_process_group()
 
 
@@ -1782,6 +1798,8 @@ class TrainingRun:
     # ---- when to save or stop
     def start_epoch_loop(self):
         """Install the SLURM preemption handler (before the first DataLoader iterator exists)."""
+        global _RANKS_MAY_DIFFER
+        _RANKS_MAY_DIFFER = True
         self.preemption = PreemptionHandler()
 
     def poll(self, it, iters_per_epoch):

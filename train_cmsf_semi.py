@@ -27,7 +27,6 @@ Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_semi.py ...  (--batch-size is 
 import argparse
 import os
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -183,27 +182,14 @@ def train_pseudo_labeler(pseudo_labeler, cache, epochs, lr, batch_size, seed):
 # ---------------------------------------------------------------- the labeled subset
 
 def read_labeled_list(path, dataset):
-    """Mask of the images named in a SimCLR subset file (one file name per line, matched against the
-    base names of the ImageFolder images). Returns (mask, names not found). Missing names are reported
-    by the caller; no match at all is an error."""
+    """Mask of the images named in a SimCLR subset file (common.read_subset_list, the reader
+    eval_linear.py and eval_knn.py use too). Returns (mask, names not found)."""
     if not hasattr(dataset, "samples"):
         raise common.UsageError("--labeled-list needs --dataset imagefolder (it names image files); "
                                 "use --labeled-fraction for other datasets")
-    if not os.path.isfile(path):
-        raise common.UsageError(f"--labeled-list {path} does not exist")
-    with open(path) as f:
-        names = [os.path.basename(line.strip()) for line in f if line.strip()]
-    indices_of = defaultdict(list)
-    for i, (image_path, _) in enumerate(dataset.samples):
-        indices_of[os.path.basename(image_path)].append(i)
+    indices, not_found = common.read_subset_list(path, dataset, flag="--labeled-list")
     mask = torch.zeros(len(dataset.samples), dtype=torch.bool)
-    not_found = [name for name in names if name not in indices_of]
-    for name in names:
-        mask[indices_of.get(name, [])] = True
-    if not mask.any():
-        raise common.UsageError(f"none of the {len(names)} names in {path} (e.g. {', '.join(names[:3]) or 'none'}) is "
-                                f"an image file under {dataset.root}; the list must hold file names such as "
-                                "n01440764_10026.JPEG of this train folder")
+    mask[indices] = True
     return mask, not_found
 
 

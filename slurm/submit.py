@@ -134,7 +134,7 @@ class Trainer:
         if job_env.global_rank == 0:
             print(f"{os.path.basename(self.script_path)} in job {job_env.job_id} ({job_env.num_tasks} tasks on "
                   f"{job_env.num_nodes} node(s)), output dir {getattr(args, 'output_dir', None)}", flush=True)
-        return import_script(self.script_path).main(args)
+        return common.run_guarded(import_script(self.script_path).main, args)  # as a direct run
 
     def checkpoint(self):
         return submitit.helpers.DelayedSubmission(type(self)(self.script_path, self.args,

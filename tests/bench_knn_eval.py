@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval_knn  # noqa: E402
+import common  # noqa: E402
 
 
 def _proc_status_bytes(field):
@@ -68,12 +68,12 @@ def main():
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak_rss()
-    eval_knn.knn_predict(train, train_labels, queries[:query_chunk], [1, 20], 1000,
+    common.knn_predict(train, train_labels, queries[:query_chunk], [1, 20], 1000,
                          train_chunk_size=args.train_chunk, query_chunk_size=query_chunk)  # warm-up
     if gpu:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    eval_knn.knn_predict(train, train_labels, queries, [1, 20], 1000,
+    common.knn_predict(train, train_labels, queries, [1, 20], 1000,
                          train_chunk_size=args.train_chunk, query_chunk_size=query_chunk)
     if gpu:
         torch.cuda.synchronize()
