@@ -212,8 +212,8 @@ PREFILTER_RESCAN_FRACTION = 0.25
 
 
 def _host_waits_for(device_type):
-    """Whether reading a tensor's value on the host makes the CPU wait for queued device work (GPUs).
-    On the CPU nothing is queued, so code may branch on values there at no cost."""
+    """Whether reading a tensor's value on the host makes the CPU wait for queued device work
+    (GPUs). On the CPU nothing is queued, so code may branch on values there at no cost."""
     return device_type != "cpu"
 
 
@@ -255,7 +255,8 @@ def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key
     unsure = torch.isfinite(last) & (excess >= 0)
     if _host_waits_for(queries.device.type):
         rescan_rows = min(queries.shape[0], math.ceil(PREFILTER_RESCAN_FRACTION * queries.shape[0]))
-        rescan = excess.masked_fill(~unsure, -math.inf).topk(rescan_rows).indices  # least sure first
+        least_sure_first = excess.masked_fill(~unsure, -math.inf)
+        rescan = least_sure_first.topk(rescan_rows).indices
     else:
         rescan = unsure.nonzero().squeeze(1)
     if rescan.shape[0] == 0:
