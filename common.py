@@ -420,10 +420,16 @@ def _exact_scores(queries, keys, idx):
                       for s in range(0, q.shape[0], rows)])
 
 
-# Rows of a batch that the bf16 prefilter searches again in float32, whatever the data: a fixed
-# share keeps the work (and the absence of host synchronisation) independent of the data. It covers
-# the largest share of uncertain rows measured (18 %, on a near-collapsed bank).
+# Rows of a batch that the bf16 prefilter searches again in float32 on a GPU, whatever the data: a
+# fixed share keeps the work (and the absence of host synchronisation) independent of the data. It
+# covers the largest share of uncertain rows measured (18 %, on a near-collapsed bank).
 PREFILTER_RESCAN_FRACTION = 0.25
+
+
+def _host_waits_for(device_type):
+    """Whether reading a tensor's value on the host makes the CPU wait for queued device work
+    (GPUs). On the CPU nothing is queued, so code may branch on values there at no cost."""
+    return device_type != "cpu"
 
 
 def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key_labels):
@@ -433,12 +439,12 @@ def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key
     out has a bf16 score <= the last candidate's, so a true score <= last + err: when that is below the
     k-th float32 score, the top k are certainly among the candidates. Uncertain rows (measured: none
     of 256 rows on random 512-d unit vectors, k = 5, M = 131072, nor of 4096 on a trained synthetic
-    run's bank; 5-18 % of rows on a near-collapsed bank) are searched again in float32. Without a
-    host synchronisation, the number of such rows cannot steer the work: a fixed share of the batch
-    (PREFILTER_RESCAN_FRACTION), the least certain rows first, is searched again and replaces the
-    uncertain ones. If more rows than that are uncertain, the surplus (the most nearly certified)
-    keeps the float32 top-k of its candidates, which can differ from the exact one only by keys
-    scoring within err of the k-th."""
+    run's bank; 5-18 % of rows on a near-collapsed bank) are searched again in float32: on the CPU
+    exactly those rows. On a GPU, their number must not steer the work (reading it would make the
+    CPU wait for the GPU): a fixed share of the batch (PREFILTER_RESCAN_FRACTION), the least certain
+    rows first, is searched again and replaces the uncertain ones. If more rows than that are
+    uncertain, the surplus (the most nearly certified) keeps the float32 top-k of its candidates,
+    which can differ from the exact one only by keys scoring within err of the k-th."""
     dim = keys.shape[1]
     if queries.is_cuda:  # the bound assumes float32 accumulation inside the bf16 matmul
         reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
@@ -462,8 +468,14 @@ def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key
     last = candidate_sims[:, -1].float()
     excess = last + err - sims[:, -1]  # >= 0: a left-out key might beat the k-th
     unsure = torch.isfinite(last) & (excess >= 0)
-    rescan_rows = min(queries.shape[0], math.ceil(PREFILTER_RESCAN_FRACTION * queries.shape[0]))
-    rescan = excess.masked_fill(~unsure, -math.inf).topk(rescan_rows).indices  # least certain first
+    if _host_waits_for(queries.device.type):
+        rescan_rows = min(queries.shape[0], math.ceil(PREFILTER_RESCAN_FRACTION * queries.shape[0]))
+        least_sure_first = excess.masked_fill(~unsure, -math.inf)
+        rescan = least_sure_first.topk(rescan_rows).indices
+    else:
+        rescan = unsure.nonzero().squeeze(1)
+    if rescan.shape[0] == 0:
+        return sims, idx
     rescan_labels = None if query_labels is None else query_labels[rescan]
     rescan_sims, rescan_idx = _chunked_topk(queries[rescan], keys, k, chunk_size, rescan_labels,
                                             key_labels, torch.float32)
