@@ -362,8 +362,28 @@ class MemoryBank(nn.Module):
         return self.embeddings.shape[0]
 
     @torch.no_grad()
-    def enqueue(self, embeddings, labels=None, indices=None):
-        """Write a (global) batch at the pointer, wrapping around; returns the slots written."""
+    def enqueue(self, embeddings, labels=None, indices=None, keep=None):
+        """Write a (global) batch at the pointer, wrapping around; returns the slots written. With
+        `keep` (B,) bool only those rows are written, in order, without a host sync: the kept rows go
+        first, the others rewrite their slot's current content, and the pointer moves by keep.sum()."""
+        if keep is not None:
+            if embeddings.shape[0] > self.size:  # rare (a batch larger than the bank): plain path
+                return self.enqueue(embeddings[keep], None if labels is None else labels[keep],
+                                    None if indices is None else indices[keep])
+            order = torch.argsort((~keep).to(torch.uint8), stable=True)  # kept rows first, in order
+            kept = keep[order]
+            slots = (self.ptr + torch.arange(keep.shape[0], device=self.ptr.device)) % self.size
+            rows = kept.unsqueeze(1)
+            self.embeddings[slots] = torch.where(rows, embeddings[order].to(self.embeddings.dtype),
+                                                 self.embeddings[slots])
+            if labels is not None:
+                self.labels[slots] = torch.where(kept, labels[order].to(self.labels.dtype),
+                                                 self.labels[slots])
+            if indices is not None:
+                self.indices[slots] = torch.where(kept, indices[order].to(self.indices.dtype),
+                                                  self.indices[slots])
+            self.ptr.copy_((self.ptr + keep.sum()) % self.size)
+            return slots
         n = embeddings.shape[0]
         if n > self.size:  # only the newest `size` rows survive
             embeddings = embeddings[-self.size:]

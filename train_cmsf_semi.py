@@ -271,8 +271,7 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
             # Enqueue first: t is then its own nearest same-label neighbour (or nearest, if unknown).
             memory_bank.enqueue(all_target, all_assigned, all_indices)
             all_is_labeled = is_labeled[all_indices]
-            cache.enqueue(all_target[all_is_labeled], all_labels[all_is_labeled],
-                          all_indices[all_is_labeled])
+            cache.enqueue(all_target, all_labels, all_indices, keep=all_is_labeled)
             unlabeled = ~all_is_labeled
             confident = unlabeled & (all_assigned >= 0)
             counts += torch.stack([unlabeled.sum(), confident.sum(),

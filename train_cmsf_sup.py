@@ -108,13 +108,14 @@ def constrained_topk_loss(query, target, labels, memory_bank, k, search_dtype=No
 def top_all_loss(query, labels, memory_bank, num_classes):
     """Top-all: mean over ALL bank entries z_j of the sample's class of 2 - 2 q.z_j, which is exactly
     2 - 2 q.mean_j(z_j); the per-class means come from one index_add over the bank instead of a B x M
-    matrix. Returns (per-sample loss, number of same-class entries per sample)."""
-    filled = memory_bank.labels >= 0
-    bank_labels = memory_bank.labels[filled]
+    matrix (empty slots, label -1, add zero: no boolean mask, no host sync). Returns (per-sample loss,
+    number of same-class entries per sample)."""
+    filled = (memory_bank.labels >= 0).float()  # (M,)
+    bank_labels = memory_bank.labels.clamp(min=0)
     class_sums = torch.zeros(num_classes, memory_bank.embeddings.shape[1], device=query.device)
-    class_sums.index_add_(0, bank_labels, memory_bank.embeddings[filled].float())
-    class_counts = torch.bincount(bank_labels, minlength=num_classes)
-    counts = class_counts[labels]
+    class_sums.index_add_(0, bank_labels, memory_bank.embeddings.float() * filled.unsqueeze(1))
+    class_counts = torch.zeros(num_classes, device=query.device).index_add_(0, bank_labels, filled)
+    counts = class_counts[labels].long()
     class_means = class_sums[labels] / counts.clamp(min=1).unsqueeze(1)
     loss = 2 - 2 * (query.float() * class_means).sum(dim=1)
     return loss * (counts > 0), counts  # no entry of the class: no pull, as in mean_shift_loss
@@ -130,17 +131,17 @@ def clean_labels_of_slots(memory_bank, slots, clean_labels):
 @torch.no_grad()
 def top_all_purity(labels, clean, memory_bank, clean_labels, num_classes):
     """Purity of top-all: over all same-(training)-label bank entries of every sample, the fraction whose
-    clean label equals the sample's clean label. Counts (training label, clean label) pairs in the bank
-    once; no B x M matrix."""
-    filled = memory_bank.labels >= 0
-    bank_pairs = memory_bank.labels[filled] * num_classes + clean_labels_of_slots(
-        memory_bank, filled.nonzero().squeeze(1), clean_labels)
-    pairs, pair_counts = torch.unique(bank_pairs, return_counts=True)
-    query_pairs = labels * num_classes + clean
-    position = torch.searchsorted(pairs, query_pairs).clamp(max=pairs.numel() - 1)
-    same = torch.where(pairs[position] == query_pairs, pair_counts[position], 0)
-    total = torch.bincount(memory_bank.labels[filled], minlength=num_classes)[labels]
-    return same.sum().float() / total.sum().clamp(min=1)
+    clean label equals the sample's clean label. Counts the bank's (training label, clean label) pairs
+    in a classes x classes table (no B x M matrix, no host sync)."""
+    filled = (memory_bank.labels >= 0).float()
+    bank_clean = clean_labels_of_slots(memory_bank, torch.arange(memory_bank.size, device=filled.device),
+                                       clean_labels)
+    pairs = memory_bank.labels.clamp(min=0) * num_classes + bank_clean.clamp(min=0)
+    table = torch.zeros(num_classes * num_classes, device=filled.device).index_add_(0, pairs, filled)
+    table = table.view(num_classes, num_classes)  # [training label, clean label] -> count
+    same = table[labels, clean]
+    total = table.sum(dim=1)[labels]
+    return same.sum() / total.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------- training labels (clean or noisy)

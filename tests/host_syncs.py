@@ -77,7 +77,10 @@ def host_syncs():
         (T, "unique", ".unique()", None), (torch, "unique", "torch.unique", None),
         (T, "masked_select", ".masked_select()", None),
         (torch, "masked_select", "torch.masked_select", None),
-        (T, "to", ".to(cpu)", lambda self, *a, **kw: _is_cpu_target(a, kw)),
+        # a blocking copy to the host; non_blocking=True copies (the loader's batch to the training
+        # device, which is the CPU in these tests) do not wait
+        (T, "to", ".to(cpu)", lambda self, *a, **kw: _is_cpu_target(a, kw)
+         and not kw.get("non_blocking", False)),
         (T, "__getitem__", "indexing with a bool mask or 0-d tensor",
          lambda self, index: _index_syncs(index)),
         (T, "__setitem__", "assignment at a bool mask or 0-d tensor",

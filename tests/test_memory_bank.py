@@ -93,3 +93,19 @@ def test_half_precision_storage(dtype):
     restored = common.MemoryBank(9, 16, dtype=dtype)
     restored.load_state_dict(bank.state_dict())
     assert restored.embeddings.dtype == dtype and torch.equal(restored.embeddings, bank.embeddings)
+
+
+@pytest.mark.parametrize("size", [7, 12, 40])
+def test_enqueue_with_keep_equals_enqueue_of_the_kept_rows(size):
+    """keep= (used for the semi-supervised labeled cache) writes exactly what enqueueing the kept rows
+    would, without a host sync, over many batches with the pointer wrapping around."""
+    generator = torch.Generator().manual_seed(size)
+    masked, reference = common.MemoryBank(size, 4, seed=1), common.MemoryBank(size, 4, seed=1)
+    for step in range(12):
+        batch = torch.randn(6, 4, generator=generator)
+        labels, indices = torch.randint(0, 5, (6,), generator=generator), torch.arange(6) + 6 * step
+        keep = torch.rand(6, generator=generator) < 0.5
+        masked.enqueue(batch, labels, indices, keep=keep)
+        reference.enqueue(batch[keep], labels[keep], indices[keep])
+        for name in ("embeddings", "labels", "indices", "ptr"):
+            assert torch.equal(getattr(masked, name), getattr(reference, name)), (step, name)
