@@ -233,3 +233,35 @@ def test_kill_in_the_epoch_tail_is_repaired_by_the_rerun(tmp_path, straight_runs
         assert all(torch.equal(weights(got)[k], v) for k, v in weights(want).items()), name
     epochs = [json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+NAN_ON_RANK_1 = """
+import os, runpy, sys
+import torch
+import common
+if os.environ.get("RANK") == "1":  # only this rank's loss turns NaN
+    plain = common.mean_shift_loss
+    common.mean_shift_loss = lambda *args, **kwargs: plain(*args, **kwargs) * float("nan")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_nan_on_one_rank_stops_both_ranks_with_one_error(tmp_path):
+    """Only rank 1's loss is NaN: both ranks stop at the same step (the finiteness check is agreed by
+    an all-reduce), rank 0 prints the one error line, nothing is saved, no rank waits for the other."""
+    import time
+    from conftest import run_script
+    wrapper = tmp_path / "nan_on_rank_1.py"
+    wrapper.write_text(NAN_ON_RANK_1)
+    start = time.time()
+    result = run_script(str(wrapper), os.path.join(REPO_ROOT, "train_msf.py"),
+                        *tiny_args("train_msf.py", tmp_path / "out"), "--knn-every", 0, nproc=2,
+                        timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "not finite" in errors[0] and "iteration 1" in errors[0], result.stderr[-3000:]
+    assert "exitcode  : 1" in result.stderr  # torchrun's report: our RunFailed exit code
+    assert "Traceback (most recent call last):\n  File" not in result.stdout
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    assert time.time() - start < 120
