@@ -1985,9 +1985,8 @@ class MetricLogger:
 
 def plain_args(args):
     """The user's arguments as a dict (plain types: it goes into checkpoints loaded with
-    weights_only). The training scripts keep run-time objects off `args`; eval_linear.py still hangs
-    two there, left out here."""
-    return {k: v for k, v in vars(args).items() if k not in ("device_obj", "autocast_dtype")}
+    weights_only). The scripts keep run-time objects off `args`, so this is the command line."""
+    return dict(vars(args))
 
 
 def append_json_log(output_dir, record):

@@ -190,13 +190,13 @@ def average_batchnorm_statistics(module):
                 buffer /= common.get_world_size()
 
 
-def train_one_epoch(args, epoch, batches, iters, start_iter, features_of, head, optimizer, lr, preemption, save):
+def train_one_epoch(args, device, epoch, batches, iters, start_iter, features_of, head, optimizer, lr,
+                    preemption, save):
     """One epoch over `batches` of (inputs, labels): images (augmented mode) or cached features."""
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
                                  args.print_freq, start_iter)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    device = args.device_obj
     for it, (inputs, labels) in enumerate(batches, start=start_iter):
         features = features_of(inputs.to(device, non_blocking=True))
         loss = F.cross_entropy(head(features), labels.to(device, non_blocking=True))
@@ -233,8 +233,7 @@ def main(args):
     checkpoint = common.read_weights_file(args.weights, args.unsafe_load) if args.weights else {}
     args.arch, args.image_size = common.resolve_arch_and_image_size(checkpoint, args.weights, args.arch,
                                                                     args.image_size)
-    args.device_obj = device
-    args.autocast_dtype = common.amp_dtype(args.amp, device)
+    autocast_dtype = common.amp_dtype(args.amp, device)
     common.fix_random_seeds(args.seed)
     torch.manual_seed(args.seed)  # the same random init (no --weights) on every rank
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -296,13 +295,13 @@ def main(args):
     if args.cached_features or not resume_path:
         train_features, train_labels = common.extract_features(
             backbone, common.IndexedDataset(train_base, center_crop), args.batch_size, args.workers, device,
-            args.autocast_dtype, args.print_freq, header="train features (center crop)")
+            autocast_dtype, args.print_freq, header="train features (center crop)")
         if not resume_path:
             head.set_standardisation(train_features)
     if not semi:  # the backbone never changes: val features once, every epoch scores the head on them
         val_features, val_labels = common.extract_features(
             backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
-            args.autocast_dtype, args.print_freq, header="val features")
+            autocast_dtype, args.print_freq, header="val features")
 
     if args.cached_features:
         def epoch_batches(epoch, start_iter):
@@ -326,8 +325,8 @@ def main(args):
         @torch.no_grad()
         def features_of(images):
             backbone.train(semi)  # semi: BatchNorm uses and updates batch statistics; weights stay frozen
-            with torch.autocast(device.type, dtype=args.autocast_dtype or torch.float32,
-                                enabled=args.autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
                 return backbone(images.contiguous(memory_format=memory_format)).float()
 
     log(f"{'cached center-crop features' if args.cached_features else 'augmented images'}: "
@@ -350,7 +349,7 @@ def main(args):
         start = time.time()
         lr = lr_at_epoch(args.lr, epoch, args.lr_drops)
         head.train()
-        stats = train_one_epoch(args, epoch, epoch_batches(epoch, start_iter), iters, start_iter, features_of,
+        stats = train_one_epoch(args, device, epoch, epoch_batches(epoch, start_iter), iters, start_iter, features_of,
                                 head_ddp, optimizer, lr, preemption, save)
         start_iter = 0
         head.eval()
@@ -376,7 +375,7 @@ def main(args):
     if semi:  # scored once, in eval mode with the adapted statistics
         val_features, val_labels = common.extract_features(
             backbone, common.IndexedDataset(val_base, center_crop), args.batch_size, args.workers, device,
-            args.autocast_dtype, args.print_freq, header="val features (adapted BatchNorm statistics)")
+            autocast_dtype, args.print_freq, header="val features (adapted BatchNorm statistics)")
     top1, top5 = evaluate(head, val_features, val_labels)
     if semi:
         best = {"top1": top1, "top5": top5, "epoch": args.epochs}
