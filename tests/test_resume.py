@@ -75,3 +75,24 @@ def test_sigusr2_saves_exits_3_and_rerun_resumes_exactly(tmp_path, tiny_msf_run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert_same_final_state(tmp_path, tiny_msf_run[0])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_trains_and_resumes_exactly(tmp_path, amp):
+    """The GPU's autocast paths run on the CPU too: bf16, and fp16 with the GradScaler (its scale is
+    in the checkpoint). Stopping mid-epoch and resuming gives the uninterrupted run bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_script("train_msf.py", *tiny_msf_args(straight, "--amp", amp, "--knn-every", 0))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"amp {'bfloat16' if amp == 'bf16' else 'float16'}" in result.stdout
+    result = run_script("train_msf.py", *tiny_msf_args(resumed, "--amp", amp, "--knn-every", 0,
+                                                       "--stop-after-iters", 3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("train_msf.py", *tiny_msf_args(resumed, "--amp", amp, "--knn-every", 0))
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stderr[-3000:]
+    got, want = load(resumed), load(straight)
+    for part in ("online", "target", "memory_bank"):
+        for name, value in want[part].items():
+            assert torch.equal(got[part][name], value), (part, name)
+    if amp == "fp16":
+        assert want["scaler"]["scale"] > 0 and got["scaler"] == want["scaler"]
