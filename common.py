@@ -1130,7 +1130,8 @@ def resized_crop_pixels(pixels, box, size):
     antialiased bilinear interpolation: torchvision's tensor RandomResizedCrop, which on uint8
     channels-last pixels runs torch's vectorized integer kernel, ~2x faster than PIL's resize on one
     core. It reads only the crop (PIL's resize with box= also reads the neighbours just outside it),
-    so border pixels differ from the PIL path by a few levels and the interior by <= 1 (rounding)."""
+    so border pixels differ from the PIL path by a few levels and the interior by <= 1 (rounding).
+    """
     left, top, right, bottom = box
     crop = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), a view
     # a dense channels-last copy takes the uint8 kernel (measured 0.14 ms vs 0.23 ms on the strided
@@ -1159,17 +1160,19 @@ class ViewAugmentation:
     strong view MoCo v2's colour jitter / grayscale / blur, and a horizontal flip.
 
     on_device=False: the whole view on the loader's CPU, returns a normalized float (3, H, W).
-    on_device=True: the loader only crops and flips (flipping first is exact: every colour op and the
-    symmetric reflect-padded blur commute with a flip) and returns view_payload; prepare_views does
-    the rest batched on the training device. Both draw the same numbers (draw_view_params)."""
+    on_device=True: the loader only crops (resized_crop_pixels: torch's uint8 resize, 2x PIL's) and
+    flips (flipping first is exact: every colour op and the symmetric reflect-padded blur commute
+    with a flip) and returns view_payload; prepare_views does the rest batched on the training
+    device. Both draw the same numbers (draw_view_params)."""
 
     def __init__(self, image_size, scale=(0.2, 1.0), strong=False, on_device=False):
         self.image_size, self.scale, self.strong, self.on_device = image_size, scale, strong, on_device
 
     def __call__(self, image):
-        """image: PIL, or for on_device=True also its image_pixels (what MultiViewTransform passes)."""
+        """image: PIL, or for on_device=True also its image_pixels (MultiViewTransform does)."""
         if self.on_device:
-            return self.crop_and_flip(image if isinstance(image, torch.Tensor) else image_pixels(image))
+            pixels = image if isinstance(image, torch.Tensor) else image_pixels(image)
+            return self.crop_and_flip(pixels)
         params = draw_view_params(image, self.scale, self.strong)
         # one resampling from the crop box: the same pixels as crop() + resize(), without the copy
         view = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=params["box"])
@@ -1215,14 +1218,14 @@ class MultiViewTransform:
 
     # No reduced-scale JPEG decode (PIL's draft mode): every view is cut from one decode, which is
     # only allowed at 1/2 scale when all crops keep >= 2x the output size on both sides. At 224 px
-    # with scale (0.2, 1) that never happens on 500x375 images (ImageNet's typical size) and for 64 %
-    # of pairs on 1000x750 ones; it would save 0.05-0.5 of 1.6-2.1 ms per decode (bench_loader.py).
+    # with scale (0.2, 1) that never happens on 500x375 images (ImageNet's typical size) and for
+    # 64 % of pairs on 1000x750 ones; it would save 0.05-0.55 of 1.6-2.4 ms a decode (bench_loader).
     def __call__(self, image):
         # two-stage views crop from uint8 pixels: convert the decoded image once for all of them
-        pixels = None
-        if any(getattr(t, "on_device", False) for t in self.view_transforms):
-            pixels = image_pixels(image) if isinstance(image, Image.Image) else image
-        return [t(pixels if getattr(t, "on_device", False) else image) for t in self.view_transforms]
+        on_device = [getattr(t, "on_device", False) for t in self.view_transforms]
+        pixels = image_pixels(image) if any(on_device) and isinstance(image, Image.Image) else image
+        return [t(pixels if crops_pixels else image)
+                for t, crops_pixels in zip(self.view_transforms, on_device)]
 
 
 def two_view_transform(augmentation, image_size, on_device=False):
