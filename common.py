@@ -1001,14 +1001,9 @@ class IndexedDataset(torch.utils.data.Dataset):
             label = int(self.labels[index])
         if seed is None:
             return self.transform(image), label, index
-        # the CPU generator only: torch.manual_seed also queues a CUDA re-seed, and recording its
-        # call stack costs ~1 ms per image in a loader worker; the CPU draws are the same
-        if torch.utils.data.get_worker_info() is not None:
-            # a loader worker's global generator serves only these seeded draws: no need to save
-            # and restore its state around them (fork_rng's two copies cost ~0.1-0.25 ms per image)
-            torch.default_generator.manual_seed(seed)
-            return self.transform(image), label, index
-        with torch.random.fork_rng(devices=[]):  # the main process: leave the training's RNG as is
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed also queues a CUDA re-seed, and recording its
+            # call stack costs ~1 ms per image in a loader worker; the CPU draws are the same
             torch.default_generator.manual_seed(seed)
             views = self.transform(image)
         return views, label, index
