@@ -78,8 +78,9 @@ class PILCropView(common.ViewAugmentation):
     def __call__(self, image):
         params = common.draw_view_params(image, self.scale, self.strong)
         view = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=params["box"])
-        return common.view_payload(view.transpose(Image.FLIP_LEFT_RIGHT) if params["flip"] else view,
-                                   params)
+        if params["flip"]:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        return common.view_payload(view, params)
 
 
 def run_upstream(paths, transform, batch_size):
@@ -128,9 +129,10 @@ def main():
             files, common.two_view_transform("weak/strong", 224, on_device=True))
         pil_crop = common.IndexedDataset(files, common.MultiViewTransform(
             [PILCropView(224), PILCropView(224, strong=True)]))
-        batches = [default_collate([two_stage[(index, index)]
-                                    for index in range(start, min(start + args.batch_size, len(paths)))])[0]
-                   for start in range(0, len(paths), args.batch_size)]
+        starts = range(0, len(paths), args.batch_size)
+        batches = [default_collate([two_stage[(index, index)] for index in
+                                    range(start, min(start + args.batch_size, len(paths)))])[0]
+                   for start in starts]
 
         def device_side(device):
             def run():
