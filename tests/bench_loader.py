@@ -3,8 +3,10 @@ JPEGs of ImageNet's typical size (500x375, quality 90), two views (weak target, 
 224 px. Run directly: `python tests/bench_loader.py [--images 64] [--rounds 5]`.
 
 Rows: the upstream-style MoCo v2 pipeline (torchvision ops, PIL blur); ours per-image (the loader
-does everything); ours two-stage, worker side (decode, crop, flip, parameter draws, collate) and
-device side (batched colour ops, blur, normalization) on the CPU, and on the GPU when there is one.
+does everything); ours two-stage, worker side (decode, uint8 pixels once per image, parameter draws,
+crop with torch's uint8 resize, flip, collate), the same with PIL's resize (box=) as the crop, and
+the device side (batched colour ops, blur, normalization) on the CPU, and on the GPU when there is
+one.
 Rounds alternate the pipelines and each row keeps its best round, so a loaded machine slows all
 rows alike. Also measures JPEG decode alone, and PIL's reduced-scale JPEG decode (draft mode).
 """
@@ -69,6 +71,18 @@ class JpegFiles(torch.utils.data.Dataset):
         return common.load_rgb_image(self.paths[index]), 0
 
 
+class PILCropView(common.ViewAugmentation):
+    """A two-stage worker view cropped by PIL's resize with box= (the alternative to
+    resized_crop_pixels): same draws, same payload."""
+
+    def __call__(self, image):
+        params = common.draw_view_params(image, self.scale, self.strong)
+        view = image.resize((self.image_size, self.image_size), Image.BILINEAR, box=params["box"])
+        if params["flip"]:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        return common.view_payload(view, params)
+
+
 def run_upstream(paths, transform, batch_size):
     """Decode + transform + collate, in batches, as a loader worker (unseeded, as upstream)."""
     for start in range(0, len(paths), batch_size):
@@ -113,8 +127,12 @@ def main():
         per_image = common.IndexedDataset(files, common.two_view_transform("weak/strong", 224))
         two_stage = common.IndexedDataset(
             files, common.two_view_transform("weak/strong", 224, on_device=True))
-        batches = [default_collate([two_stage[(index, index)] for index in range(start, min(start + args.batch_size, len(paths)))])[0]
-                   for start in range(0, len(paths), args.batch_size)]
+        pil_crop = common.IndexedDataset(files, common.MultiViewTransform(
+            [PILCropView(224), PILCropView(224, strong=True)]))
+        starts = range(0, len(paths), args.batch_size)
+        batches = [default_collate([two_stage[(index, index)] for index in
+                                    range(start, min(start + args.batch_size, len(paths)))])[0]
+                   for start in starts]
 
         def device_side(device):
             def run():
@@ -128,6 +146,7 @@ def main():
             "upstream-style MoCo v2 (PIL blur)": lambda: run_upstream(paths, upstream, args.batch_size),
             "ours per-image (CPU path)": lambda: run_ours(per_image, args.batch_size),
             "ours two-stage, worker side": lambda: run_ours(two_stage, args.batch_size),
+            "two-stage worker, PIL resize crop": lambda: run_ours(pil_crop, args.batch_size),
             "ours two-stage, device side on CPU": device_side(torch.device("cpu")),
             "JPEG decode alone": lambda: run_decode(paths),
             "JPEG decode, draft 1/2 scale": lambda: run_draft(paths, 2),
