@@ -119,12 +119,12 @@ def build_predictor(encoder):
     return mlp(encoder.embed_dim, 2 * encoder.feat_dim, encoder.embed_dim)
 
 
-@torch.no_grad()
 def unwrap(module):
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+@torch.no_grad()
 def ema_update_(target, online, momentum):
     """theta_target <- m theta_target + (1 - m) theta_online, parameters only (the target's BatchNorm
     keeps its own running statistics). One fused foreach kernel instead of a Python loop."""

@@ -50,21 +50,21 @@ def get_args_parser():
     p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
     p.add_argument("--unsafe-load", action="store_true", help="load a --weights file that pickles Python "
                    "objects besides tensors (old third-party releases); this can run code: trusted files only")
-    p.add_argument("--arch", default=None, help="torchvision ResNet of the weights (default: read from our "
+    p.add_argument("--arch", default=None, help="torchvision ResNet of the weights (None: read from our "
                    "training checkpoints, else resnet50)")
     p.add_argument("--image-size", type=int, default=None, help="center-crop size; <= 64 uses the small-image "
-                   "stem (default: read from our training checkpoints, else 224)")
+                   "stem (None: read from our training checkpoints, else 224)")
     p.add_argument("--train-list", default=None, help="use only the train images named in this file as the "
                    "database (semi-supervised k-NN: SimCLR's 1percent.txt / 10percent.txt, one file name per "
                    "line); needs --dataset imagefolder")
     p.add_argument("--k", type=int, nargs="+", default=None,
-                   help="numbers of neighbours (default: 1 20; with --train-list: 1 5 10 20)")
+                   help="numbers of neighbours (None: 1 20; with --train-list: 1 5 10 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="T of the weighted vote exp(sim / T)")
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
                    help="storage precision of the features (float16 halves memory and cache size)")
     p.add_argument("--train-chunk-size", type=int, default=65536, help="train features per score block")
     p.add_argument("--query-chunk-size", type=int, default=1024, help="val features per score block")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default: <output-dir>/features; "
+    p.add_argument("--cache-dir", default=None, help="feature cache (None: <output-dir>/features; "
                    "'none': no cache)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size of feature extraction")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")

@@ -68,22 +68,22 @@ def get_args_parser():
     p.add_argument("--protocol", default="linear", choices=["linear", "semi"],
                    help="linear: frozen eval-mode backbone + linear head; semi: the authors' semi-supervised "
                    "protocol (BatchNorm statistics adapt, MLP head; see the docstring)")
-    p.add_argument("--arch", default=None, help="torchvision ResNet of the weights (default: read from our "
+    p.add_argument("--arch", default=None, help="torchvision ResNet of the weights (None: read from our "
                    "training checkpoints, else resnet50)")
     p.add_argument("--image-size", type=int, default=None, help="crop size; <= 64 uses the small-image stem "
-                   "(default: read from our training checkpoints, else 224)")
+                   "(None: read from our training checkpoints, else 224)")
     p.add_argument("--train-list", default=None, help="train on the images named in this file (1 %% / 10 %% "
                    "subsets, SimCLR format: one file name per line); needs --dataset imagefolder")
     p.add_argument("--cached-features", action="store_true", help="faster approximation: train the head on "
                    "center-crop features extracted once instead of augmented images")
-    p.add_argument("--epochs", type=int, default=None, help="default: 40 (linear), 20 (semi)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (None: 40 linear, 20 semi)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
     p.add_argument("--lr", type=float, default=None, help="learning rate, not scaled with the batch size "
-                   "(default: 0.01 linear, 0.001 semi)")
-    p.add_argument("--momentum", type=float, default=0.9)
+                   "(None: 0.01 linear, 0.001 semi)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of the head")
     p.add_argument("--lr-drops", type=int, nargs="*", default=None,
-                   help="epochs where lr is multiplied by 0.1 (default: 15 30 linear, 15 semi)")
+                   help="epochs where lr is multiplied by 0.1 (None: 15 30 linear, 15 semi)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="mixed precision of the backbone forward (the head is float32); None: bf16 on GPU, none on CPU")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per process")

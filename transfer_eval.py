@@ -108,7 +108,7 @@ def get_args_parser():
     parser.add_argument("--unsafe-load", action="store_true", help="load a --weights file that pickles "
                         "Python objects besides tensors (old third-party releases); this can run code: "
                         "trusted files only")
-    parser.add_argument("--arch", default=None, help="torchvision ResNet of the weights (default: read from "
+    parser.add_argument("--arch", default=None, help="torchvision ResNet of the weights (None: read from "
                         "our training checkpoints, else resnet50)")
     parser.add_argument("--data-root", default=None, help="folder with one torchvision sub-folder per "
                         "dataset (layout in this file's docstring)")
@@ -119,10 +119,10 @@ def get_args_parser():
     parser.add_argument("--caltech101-splits", default=None, help="folder with train.txt and test.txt "
                         "(lines 'Class/image_XXXX.jpg label') to use instead of drawing the split")
     parser.add_argument("--output-dir", default="transfer", help="per-dataset JSON and the table")
-    parser.add_argument("--cache-dir", default=None, help="feature cache (default: <output-dir>/features; "
+    parser.add_argument("--cache-dir", default=None, help="feature cache (None: <output-dir>/features; "
                         "'none': no cache)")
     parser.add_argument("--image-size", default=None, type=int, help="resize (bicubic) + center crop size "
-                        "(default: read from our training checkpoints, else 224)")
+                        "(None: read from our training checkpoints, else 224)")
     parser.add_argument("--batch-size", default=256, type=int, help="GLOBAL batch size of feature extraction")
     parser.add_argument("--workers", default=8, type=int, help="data loading workers per process")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
