@@ -234,6 +234,10 @@ def test_script_with_cross_modal_constraint(tmp_path, informative):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     last = log[-1]
     assert last["msf_fallback"] == 0.0  # every image has an embedding
+    # the posters' diagnostics, one group per epoch: plain and constrained purity at k, rank histogram
+    assert set(last["purity_at_k"]) == {"1", "5", "10", "20", "50"}
+    assert set(last["purity_constrained_at_k"]) == {"1"}  # the k = 3 constrained neighbours: k <= 3
+    assert abs(sum(last["rank_histogram"].values()) - 1) < 1e-6 and 1 <= last["constraint_set_size"] <= 5
     if informative:
         assert last["purity_constrained"] > last["purity_unconstrained"] + 0.3, last
         assert last["purity_constrained"] > 0.9

@@ -73,3 +73,39 @@ def test_rank_histogram_matches_float64():
     assert histogram == expected
     assert histogram["1"] >= BATCH and histogram["2-5"] >= BATCH and histogram[">1000"] >= BATCH
     assert sum(histogram.values()) == int(valid.sum())
+
+
+def test_label_constrained_diagnostics_match_float64():
+    """neighbour_diagnostics with a label constraint (the supervised / semi scripts' call): purity at
+    k of the k nearest SAME-LABEL entries, where they rank in the plain ordering, and the constraint
+    size, all against a float64 brute force on a random bank. The true labels differ from the
+    constraint labels (noisy labels), as in train_cmsf_sup.py."""
+    bank, true_bank_labels, target, true_labels, generator = random_bank(3)
+    train_bank_labels = torch.where(torch.rand(BANK_SIZE, generator=generator) < 0.2,
+                                    torch.randint(0, CLASSES, (BANK_SIZE,), generator=generator),
+                                    true_bank_labels)  # noisy copy; -1 stays empty
+    train_labels = true_labels.clone()
+    train_labels[0] = -1  # an unknown label (semi): the whole bank is its constraint set
+    out = common.neighbour_diagnostics(target.float(), true_labels, bank.float(), true_bank_labels,
+                                       query_labels=train_labels, key_labels=train_bank_labels, rows=BATCH)
+    sims = target @ bank.T  # float64
+    plain_rank = {}
+    for i in range(BATCH):
+        order = sims[i].argsort(descending=True).tolist()
+        plain_rank[i] = {j: r + 1 for r, j in enumerate(order)}  # random data: no ties
+    for k in (1, 5, 10, 20, 50):
+        same, counted = 0, 0
+        for i in range(BATCH):
+            allowed = [j for j in sims[i].argsort(descending=True).tolist()
+                       if train_labels[i] < 0 or train_bank_labels[j] == train_labels[i]][:k]
+            same += sum(int(true_bank_labels[j] == true_labels[i]) for j in allowed)
+            counted += len(allowed)
+        assert abs(out[f"purity_constrained_at_k/{k}"] - same / counted) < 1e-6, k
+    ranks = [plain_rank[i][j] for i in range(BATCH)
+             for j in [j for j in sims[i].argsort(descending=True).tolist()
+                       if train_labels[i] < 0 or train_bank_labels[j] == train_labels[i]][:50]]
+    in_bin = sum(1 for r in ranks if 2 <= r <= 5) / len(ranks)
+    assert abs(out["rank_histogram/2-5"] - in_bin) < 1e-6
+    sizes = [BANK_SIZE if train_labels[i] < 0 else int((train_bank_labels == train_labels[i]).sum())
+             for i in range(BATCH)]
+    assert abs(out["constraint_set_size"] / (sum(sizes) / BATCH) - 1) < 1e-6
