@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import assert_usage_error, run_script
+from conftest import REPO_ROOT, assert_usage_error, run_script
 from host_syncs import host_syncs
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -264,3 +264,29 @@ def test_batch_shuffle_draws_on_the_device_without_host_sync(monkeypatch):
     with host_syncs() as syncs:
         back = common.batch_unshuffle(outputs[:4], unshuffle_index)
     assert syncs == [] and torch.equal(back, rank_rows[0])  # rank 0 gets its own images back
+
+
+def test_launcher_task_goes_through_the_error_wrapper(tmp_path, monkeypatch, capsys):
+    """A submitit task (slurm/submit.py's Trainer) runs the script's main through the same wrapper as
+    a direct run: bad input is one `error:` line and exit code 2, not a traceback in the SLURM log."""
+    import importlib.util
+    import types
+    import submitit
+    spec = importlib.util.spec_from_file_location("submit", os.path.join(REPO_ROOT, "slurm", "submit.py"))
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    paths = types.SimpleNamespace(result_pickle=tmp_path / "result.pkl")
+    fake_env = types.SimpleNamespace(job_id="123", global_rank=0, num_tasks=1, num_nodes=1, paths=paths)
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: fake_env)
+    monkeypatch.setattr(submitit.helpers.TorchDistributedEnvironment, "__init__", lambda self: None)
+    monkeypatch.setattr(submitit.helpers.TorchDistributedEnvironment, "export", lambda self, **kw: self)
+    script = os.path.join(REPO_ROOT, "train_msf.py")
+    module = submit.import_script(script)
+    args = module.get_args_parser().parse_args(
+        ["--dataset", "synthetic", "--epochs", "0", "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        submit.Trainer(script, args)()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --epochs 0") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
