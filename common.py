@@ -753,8 +753,8 @@ def select_device(device_arg, local_rank=0, world_size=1):
         return torch.device("cuda", local_rank % count)
     index = int(name[5:])
     if index >= count:
-        raise UsageError(f"--device {device_arg}: {count} CUDA GPU(s) visible, "
-                         f"cuda:0 to cuda:{count - 1}")
+        raise UsageError(f"--device {device_arg}: {count} CUDA GPU(s) visible, cuda:0 to "
+                         f"cuda:{count - 1}")
     if world_size > 1:
         raise UsageError(f"--device {device_arg} names one GPU, but {world_size} processes run; "
                          "use --device cuda (each process takes cuda:LOCAL_RANK)")
@@ -1535,11 +1535,11 @@ def check_training_args(args, world_size, min_topk=1):
     need(0 <= args.ema <= 1, f"--ema {args.ema} must be in [0, 1], e.g. 0.99")
     need(args.mem_bank_size >= args.batch_size,
          f"--mem-bank-size {args.mem_bank_size} must hold at least one global batch (--batch-size "
-         f"{args.batch_size}), or the targets of a step no longer find themselves in the bank; "
-         f"use --mem-bank-size {args.batch_size} or more")
+         f"{args.batch_size}), or the targets of a step no longer find themselves in the bank; use "
+         f"--mem-bank-size {args.batch_size} or more")
     need(min_topk <= args.topk <= args.mem_bank_size,
-         f"--topk {args.topk} must be between {min_topk}"
-         f"{' (all same-label entries)' if min_topk == 0 else ''} and --mem-bank-size "
+         f"--topk {args.topk} must be between "
+         f"{min_topk}{' (all same-label entries)' if min_topk == 0 else ''} and --mem-bank-size "
          f"({args.mem_bank_size})")
     need(args.image_size >= 8, f"--image-size {args.image_size} must be at least 8 pixels")
     need(args.workers is None or args.workers >= 0, f"--workers {args.workers} must be >= 0")
@@ -1804,10 +1804,10 @@ class TrainingRun:
             knn, seconds = self.knn_monitor(backbone)
             record.update(knn, knn_seconds=round(seconds, 1))
             if is_main_process():
-                print(f"epoch {epoch + 1}: k-NN monitor " + ", ".join(
-                    f"{name} {value:.2f}" for name, value in knn.items()) + f" ({seconds:.1f} s, "
-                    f"{100 * seconds / max(record.get('epoch_seconds', 0), 1e-9):.1f} % of the "
-                    "epoch)", flush=True)
+                values = ", ".join(f"{name} {value:.2f}" for name, value in knn.items())
+                share = 100 * seconds / max(record.get("epoch_seconds", 0), 1e-9)
+                print(f"epoch {epoch + 1}: k-NN monitor {values} ({seconds:.1f} s, {share:.1f} % "
+                      "of the epoch)", flush=True)
         self.save(epoch + 1, 0, log_record=record)
         self.backbone = backbone
         self._write_epoch_outputs(epoch + 1, record)
@@ -2111,8 +2111,8 @@ def add_monitor_args(parser):
     parser.add_argument("--knn-val-images", type=int, default=10_000,
                         help="val images the k-NN monitor classifies (a fixed seeded subset)")
     parser.add_argument("--tensorboard", action="store_true",
-                        help="also write the epoch log to <output-dir>/tensorboard "
-                             "(needs tensorboard)")
+                        help="also write the epoch log to <output-dir>/tensorboard (needs "
+                             "tensorboard)")
     return parser
 
 
@@ -2218,8 +2218,8 @@ class TensorboardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError("--tensorboard needs the tensorboard package; "
-                             "pip install tensorboard") from None
+            raise UsageError("--tensorboard needs the tensorboard package; pip install "
+                             "tensorboard") from None
         self.log_dir = os.path.join(output_dir, "tensorboard")
         self.writer = None
         if is_main_process():
@@ -2510,7 +2510,7 @@ def knn_predict(train_features, train_labels, query_features, ks, num_classes, t
     for chunk, start in enumerate(range(0, query_features.shape[0], query_chunk_size)):
         queries = query_features[start:start + query_chunk_size]
         sims, idx, _ = knn_search(queries, train_features, max_k, chunk_size=train_chunk_size,
-                                         search_dtype=search_dtype)
+                                  search_dtype=search_dtype)
         labels = train_labels[idx]
         for k in ks:
             predictions[k][0].append(majority_vote(labels[:, :k], num_classes))

@@ -1,23 +1,27 @@
-"""CMSF: Constrained Mean Shift, self-supervised "2Q" variant (Tejankar, Koohpayegani & Pirsiavash, 2021).
+"""CMSF: Constrained Mean Shift, self-supervised "2Q" variant (Tejankar, Koohpayegani & Pirsiavash,
+2021).
 
 MSF pulls the online prediction q towards the k nearest neighbours of the target t in a memory bank.
 CMSF adds a second term whose neighbours are constrained to a set C found with a DIFFERENT view of
 the same image: C = the k' nearest neighbours of t' (this image's target embedding from its previous
-visit) among M' (the previous-visit embeddings of the images in the bank); the constrained neighbours
-are the k members of C closest to t.  loss = (constrained MSF loss + unconstrained MSF loss) / 2.
-Images without a previous visit (epoch 1) use plain MSF for both terms. `--constraint kmeans` (CMSF-KM)
-instead clusters the per-image embeddings every epoch and constrains to the sample's cluster.
+visit) among M' (the previous-visit embeddings of the images in the bank); the constrained
+neighbours are the k members of C closest to t.  loss = (constrained MSF loss + unconstrained MSF
+loss) / 2. Images without a previous visit (epoch 1) use plain MSF for both terms. `--constraint
+kmeans` (CMSF-KM) instead clusters the per-image embeddings every epoch and constrains to the
+sample's cluster.
 
 Paper rows (ResNet-50, ImageNet, 200 epochs, batch 256, k = 5, k' = 5, M = 128K, BatchNorm over 64
-images, float32; linear / 1-NN / 20-NN): `python train_cmsf_self.py --data /imagenet --amp none` plus
+images, float32; linear / 1-NN / 20-NN): `python train_cmsf_self.py --data /imagenet --amp none`
+plus
   CMSF 2Q (128K)         73.0 / 63.2 / 66.4   (no more flags)
   CMSF-KM (128K)         72.9 / 63.2 / 66.2   --constraint kmeans
   CMSF 2Q + multi-crop   74.4 / 62.3 / 66.2   --local-crops-number 6
 Cross-modal (the CMSF poster's "NNs in other modalities"; no table number): --constraint embeddings
---constraint-embeddings FILE, FILE from tools/write_embeddings.py or any {"paths", "embeddings"} file.
-The multi-crop recipe is ours (upstream never released it): SwAV-style 2 x 224 (target + query) plus
-6 x 96 strong-augmented query crops with RandomResizedCrop scale (0.05, 0.2), all pulled to the same
-neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ... (--batch-size is global).
+--constraint-embeddings FILE, FILE from tools/write_embeddings.py or any {"paths", "embeddings"}
+file. The multi-crop recipe is ours (upstream never released it): SwAV-style 2 x 224 (target +
+query) plus 6 x 96 strong-augmented query crops with RandomResizedCrop scale (0.05, 0.2), all pulled
+to the same neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_self.py ...
+(--batch-size is global).
 """
 import argparse
 import math
@@ -31,67 +35,89 @@ import torch.nn.functional as F
 import common
 
 SCRIPT = "train_cmsf_self.py"
-LOCAL_CROP_SCALE = (0.05, 0.2)  # below the (0.2, 1) of the two large crops, as SwAV/DINO separate them
+# below the (0.2, 1) of the two large crops, as SwAV/DINO separate them
+LOCAL_CROP_SCALE = (0.05, 0.2)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("CMSF self-supervised", description=__doc__.split("\n")[0], add_help=False)
-    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p = argparse.ArgumentParser("CMSF self-supervised", description=__doc__.split("\n")[0],
+                                add_help=False)
+    p.add_argument("--data", default=None,
+                   help="dataset root (ImageFolder root with train/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"],
+                   help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
-    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (cosine schedule over them)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+    p.add_argument("--synthetic-images", type=int, default=5000,
+                   help="training images of --dataset synthetic")
+    p.add_argument("--arch", default="resnet50",
+                   help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200,
+                   help="training epochs (cosine schedule over them)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="learning rate for batch 256, scaled linearly")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
     p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
-    p.add_argument("--topk", type=int, default=5, help="number of nearest neighbours k (both terms)")
+    p.add_argument("--topk", type=int, default=5,
+                   help="number of nearest neighbours k (both terms)")
     p.add_argument("--topk-prime", type=int, default=5,
                    help="2Q: size k' of the constraint set C (neighbours of t' in M')")
     p.add_argument("--constraint", default="2q", choices=["2q", "kmeans", "embeddings"],
-                   help="2q: previous-visit neighbours (CMSF); kmeans: same k-means cluster (CMSF-KM); "
-                        "embeddings: neighbours in another modality (--constraint-embeddings)")
+                   help="2q: previous-visit neighbours (CMSF); kmeans: same k-means cluster "
+                        "(CMSF-KM); embeddings: neighbours in another modality "
+                        "(--constraint-embeddings)")
     p.add_argument("--constraint-embeddings", default=None,
-                   help="embeddings: torch file {'paths': [...], 'embeddings': N x D} of every training "
-                        "image in another modality or model (tools/write_embeddings.py writes one)")
+                   help="embeddings: torch file {'paths': [...], 'embeddings': N x D} of every "
+                        "training image in another modality or model (tools/write_embeddings.py "
+                        "writes one)")
     p.add_argument("--num-clusters", type=int, default=50_000, help="kmeans: number of clusters")
-    p.add_argument("--kmeans-iters", type=int, default=20, help="kmeans: Lloyd iterations per epoch")
+    p.add_argument("--kmeans-iters", type=int, default=20,
+                   help="kmeans: Lloyd iterations per epoch")
     p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
     p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the memory bank (half halves its memory)")
     p.add_argument("--store-dtype", default="float16", choices=["float32", "float16", "bfloat16"],
-                   help="storage precision of the previous-visit store and of M' (half halves their memory)")
+                   help="storage precision of the previous-visit store and of M' (half halves "
+                        "their memory)")
     p.add_argument("--search-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the neighbour-search matmul (the loss stays float32)")
     p.add_argument("--augmentation", default="weak/strong", choices=common.AUGMENTATIONS,
                    help="target/query augmentations")
     p.add_argument("--local-crops-number", type=int, default=0,
-                   help="extra small strong-augmented query crops per image (multi-crop; the 74.4 row uses 6)")
+                   help="extra small strong-augmented query crops per image (multi-crop; the 74.4 "
+                        "row uses 6)")
     p.add_argument("--local-crops-size", type=int, default=96,
-                   help="side of the extra query crops (96 for 224 images; scale it with --image-size)")
+                   help="side of the extra query crops (96 for 224 images; scale it with "
+                        "--image-size)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="mixed precision; None: bf16 on GPU, none on CPU")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per process; None: 8, at most the CPUs per process")
     p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
                    help="where colour jitter, grayscale, blur and normalisation run: in the loader "
-                        "workers per image, or batched on the training device (auto: device on GPU)")
+                        "workers per image, or batched on the training device (auto: device on "
+                        "GPU)")
     p.add_argument("--bn-batch-size", type=int, default=64,
                    help="samples each BatchNorm normalises over, independent of the number of GPUs "
                         "(the papers: 64 = 256 on 4 GPUs); 0: the per-process batch")
-    p.add_argument("--output-dir", default="./output/cmsf_self", help="checkpoints, logs; resumes from here")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
-    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--output-dir", default="./output/cmsf_self",
+                   help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
+    p.add_argument("--save-every", type=int, default=10,
+                   help="keep a weights-only copy every N epochs")
     p.add_argument("--checkpoint-minutes", type=float, default=30,
                    help="also save checkpoint.pth every N minutes within an epoch")
     p.add_argument("--stop-after-iters", type=int, default=0,
-                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
-                        "for fixed time slots")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
+                   help="save a checkpoint and exit after this many iterations of this run (0: "
+                        "never); for fixed time slots")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, augmentations and order")
     p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     common.add_monitor_args(p)
@@ -102,8 +128,8 @@ class PreviousVisitStore(torch.nn.Module):
     """For every dataset index, the target embedding of that image's most recent visit: N x d.
 
     A row of zeros means "not visited yet" (stored rows are unit vectors, never zero, even in half
-    precision), so no separate flag array is needed and the store is exactly N x d, half of upstream's
-    2 x N x d float32 table in float32 and a quarter of it in float16/bfloat16."""
+    precision), so no separate flag array is needed and the store is exactly N x d, half of
+    upstream's 2 x N x d float32 table in float32 and a quarter of it in float16/bfloat16."""
 
     def __init__(self, num_images, dim, dtype=torch.float32):
         super().__init__()
@@ -278,9 +304,10 @@ def spherical_kmeans(points, num_clusters, iters=20, seed=0, chunk_size=None):
 
 @torch.no_grad()
 def cluster_store(store, num_clusters, iters, seed, epoch):
-    """CMSF-KM: k-means of the per-image embeddings of every visited image; returns the cluster of every
-    dataset index (-1: not visited, unconstrained). Every rank holds the whole store and calls this:
-    spherical_kmeans splits the work over the ranks and gives all of them the same clusters."""
+    """CMSF-KM: k-means of the per-image embeddings of every visited image; returns the cluster of
+    every dataset index (-1: not visited, unconstrained). Every rank holds the whole store and calls
+    this: spherical_kmeans splits the work over the ranks and gives all of them the same
+    clusters."""
     visited_indices = (store.embeddings != 0).any(dim=1).nonzero().squeeze(1)
     cluster_of_image = torch.full((store.embeddings.shape[0],), -1, dtype=torch.long,
                                   device=store.embeddings.device)
@@ -291,9 +318,10 @@ def cluster_store(store, num_clusters, iters, seed, epoch):
 
 
 class OnlineNetwork(torch.nn.Sequential):
-    """Online encoder + predictor (same parameter names as train_msf.py's nn.Sequential). Its forward
-    takes a list of query crops and runs each run of same-resolution crops as one batch (DINO's
-    multi-crop wrapper), so that DDP sees a single forward per step. Returns (sum of batches, d)."""
+    """Online encoder + predictor (same parameter names as train_msf.py's nn.Sequential). Its
+    forward takes a list of query crops and runs each run of same-resolution crops as one batch
+    (DINO's multi-crop wrapper), so that DDP sees a single forward per step. Returns (sum of
+    batches, d)."""
 
     def forward(self, crops):
         outputs, start = [], 0
@@ -307,15 +335,19 @@ class OnlineNetwork(torch.nn.Sequential):
 
 
 @torch.no_grad()
-def two_queue_constraint(target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype=None):
-    """The 2Q constraint. C = the k' nearest neighbours of t' (previous-visit embedding of each image)
-    among the rows of M' (previous_bank) whose image had a previous visit (label 0; -1 never matches);
-    the constrained neighbours are the min(k, k') members of C most similar to t.
-    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')), validity)."""
+def two_queue_constraint(target, target_prev, memory_bank, previous_bank, k, k_prime,
+                         search_dtype=None):
+    """The 2Q constraint. C = the k' nearest neighbours of t' (previous-visit embedding of each
+    image) among the rows of M' (previous_bank) whose image had a previous visit (label 0; -1 never
+    matches); the constrained neighbours are the min(k, k') members of C most similar to t.
+    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')),
+    validity)."""
     query_labels = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-    _, candidates, candidates_valid = common.knn_search(target_prev, previous_bank.embeddings, k_prime,
+    _, candidates, candidates_valid = common.knn_search(target_prev, previous_bank.embeddings,
+                                                        k_prime,
                                                         query_labels=query_labels,
-                                                        key_labels=previous_bank.labels, search_dtype=search_dtype)
+                                                        key_labels=previous_bank.labels,
+                                                        search_dtype=search_dtype)
     sims = torch.einsum("bd,bkd->bk", target, memory_bank.embeddings[candidates].float())
     sims = sims.masked_fill(~candidates_valid, -math.inf)
     top_sims, order = sims.topk(min(k, k_prime), dim=1)
@@ -324,16 +356,20 @@ def two_queue_constraint(target, target_prev, memory_bank, previous_bank, k, k_p
 
 @torch.no_grad()
 def complete_constrained(constrained, constrained_valid, constrained_rows, unconstrained, k):
-    """Rows without a constraint (no previous visit / no cluster yet) take the unconstrained neighbours,
-    i.e. plain MSF. With k' < k the constrained set has k' columns: as upstream, the other k - k' are
-    the nearest unconstrained neighbours not already chosen. Invalid slots stay out of the loss."""
+    """Rows without a constraint (no previous visit / no cluster yet) take the unconstrained
+    neighbours, i.e. plain MSF. With k' < k the constrained set has k' columns: as upstream, the
+    other k - k' are the nearest unconstrained neighbours not already chosen. Invalid slots stay out
+    of the loss."""
     rows = constrained_rows.unsqueeze(1)
     if constrained.shape[1] < k:
-        already = ((unconstrained.unsqueeze(2) == constrained.unsqueeze(1)) & constrained_valid.unsqueeze(1)).any(2)
-        fresh_first = torch.sort(already.int(), dim=1, stable=True).indices  # keeps the similarity order
+        already = ((unconstrained.unsqueeze(2) == constrained.unsqueeze(1))
+                   & constrained_valid.unsqueeze(1)).any(2)
+        # keeps the similarity order
+        fresh_first = torch.sort(already.int(), dim=1, stable=True).indices
         padding = unconstrained.gather(1, fresh_first[:, :k - constrained.shape[1]])
         constrained = torch.cat([constrained, padding], dim=1)
-        constrained_valid = torch.cat([constrained_valid, torch.ones_like(padding, dtype=torch.bool)], dim=1)
+        constrained_valid = torch.cat(
+            [constrained_valid, torch.ones_like(padding, dtype=torch.bool)], dim=1)
     slots = torch.where(rows, constrained, unconstrained)
     valid = torch.where(rows, constrained_valid, torch.ones_like(constrained_valid))
     return slots, valid
@@ -344,12 +380,12 @@ def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
     model, matched to the dataset by name. The file is a torch.save'd dict, loaded with
     weights_only=True:
         {"paths": [n names: common.dataset_relative_paths of the training set, e.g.
-                   'n01440764/n01440764_10026.JPEG' (relative to the train/ folder), or '0', '1', ...
-                   (the dataset index) for datasets without files],
+                   'n01440764/n01440764_10026.JPEG' (relative to the train/ folder), or '0', '1',
+                   ... (the dataset index) for datasets without files],
          "embeddings": n x D floating tensor (any D, any scale: rows are L2-normalised here)}
     tools/write_embeddings.py writes one from a checkpoint. Returns (embeddings (N, D) `dtype`, unit
-    rows in dataset order, zeros where missing; has_embedding (N,) bool). Images missing from the file
-    fall back to plain MSF; extra names in the file are ignored."""
+    rows in dataset order, zeros where missing; has_embedding (N,) bool). Images missing from the
+    file fall back to plain MSF; extra names in the file are ignored."""
     def fail(problem):
         raise common.UsageError(f"--constraint-embeddings {path}: {problem}")
 
@@ -366,9 +402,11 @@ def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
     names, embeddings = contents["paths"], contents["embeddings"]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         fail("'paths' must be a list of strings (image paths relative to the training folder)")
-    if (not torch.is_tensor(embeddings) or embeddings.dim() != 2 or not embeddings.is_floating_point()
-            or embeddings.shape[0] != len(names) or embeddings.shape[1] == 0):
-        shape = tuple(embeddings.shape) if torch.is_tensor(embeddings) else type(embeddings).__name__
+    if (not torch.is_tensor(embeddings) or embeddings.dim() != 2
+            or not embeddings.is_floating_point() or embeddings.shape[0] != len(names)
+            or embeddings.shape[1] == 0):
+        shape = (tuple(embeddings.shape) if torch.is_tensor(embeddings)
+                 else type(embeddings).__name__)
         fail(f"'embeddings' must be a floating tensor of {len(names)} x D (one row per path), "
              f"found {shape}")
     if len(set(names)) != len(names):
@@ -391,7 +429,8 @@ def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
 
 
 @torch.no_grad()
-def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_embedding, k, k_prime,
+def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_embedding, k,
+                           k_prime,
                            search_dtype=None):
     """The cross-modal constraint, the 2Q search with other-modality embeddings in place of the
     previous visit: C = the k' nearest neighbours of the image's other-modality embedding among the
@@ -401,19 +440,21 @@ def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_e
     the bank (enqueued first), so it is in C. Rows without an embedding (has_embedding[indices]
     False) are the ones complete_constrained gives plain MSF. Gathers an M x D copy of the keys each
     step (store other_embeddings in half precision to halve it).
-    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')), validity),
-    as two_queue_constraint."""
+    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')),
+    validity), as two_queue_constraint."""
     import types
     slot_images = memory_bank.indices.clamp(min=0)
     slot_has_embedding = (memory_bank.indices >= 0) & has_embedding[slot_images]
     other_bank = types.SimpleNamespace(embeddings=other_embeddings[slot_images],  # (M, D)
                                        labels=torch.where(slot_has_embedding, 0, -1))
-    return two_queue_constraint(target, other_embeddings[indices].float(), memory_bank, other_bank, k,
+    return two_queue_constraint(target, other_embeddings[indices].float(), memory_bank, other_bank,
+                                k,
                                 k_prime, search_dtype)
 
 
 @torch.no_grad()
-def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store, cluster_of_image,
+def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store,
+                                cluster_of_image,
                                 constraint, k, k_prime, search_dtype, other_modality=None):
     """One step of bookkeeping and search for the local targets t (B, d), after all-gathering the
     global batch so that every rank's bank, M' and store stay identical:
@@ -421,7 +462,8 @@ def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_b
     2. enqueue t into the bank and t' into M' (lockstep: same slots), then record t in the store;
     3. unconstrained top-k of t in the bank (which holds t itself) and the constrained top-k.
     Returns a dict of (B, k) slot/valid tensors and the (B,) rows that are constrained."""
-    global_target, global_labels, global_indices = (common.all_gather(x) for x in (target, labels, indices))
+    global_target, global_labels, global_indices = (common.all_gather(x) for x in (target, labels,
+                                                                                   indices))
     global_prev, global_visited = store.lookup(global_indices)
     memory_bank.enqueue(global_target, global_labels, global_indices)
     if previous_bank is not None:
@@ -429,23 +471,30 @@ def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_b
         previous_bank.enqueue(global_prev, torch.where(global_visited, 0, -1), global_indices)
     store.record(global_indices, global_target)
 
-    rank_rows = slice(common.get_rank() * target.shape[0], (common.get_rank() + 1) * target.shape[0])
-    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, k, search_dtype=search_dtype)
+    rank_rows = slice(common.get_rank() * target.shape[0],
+                      (common.get_rank() + 1) * target.shape[0])
+    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, k,
+                                            search_dtype=search_dtype)
     found = {"unconstrained": unconstrained}
     if constraint == "2q":
         target_prev, constrained_rows = global_prev[rank_rows], global_visited[rank_rows]
-        found["candidates"], found["candidates_valid"], constrained, constrained_valid = two_queue_constraint(
+        (found["candidates"], found["candidates_valid"], constrained,
+         constrained_valid) = two_queue_constraint(
             target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype)
     elif constraint == "embeddings":  # C from the other modality's embeddings of the bank's images
         other_embeddings, has_embedding = other_modality
         constrained_rows = has_embedding[indices]  # images without one fall back to plain MSF
-        found["candidates"], found["candidates_valid"], constrained, constrained_valid = cross_modal_constraint(
+        (found["candidates"], found["candidates_valid"], constrained,
+         constrained_valid) = cross_modal_constraint(
             target, indices, memory_bank, other_embeddings, has_embedding, k, k_prime, search_dtype)
-    else:  # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
+    # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
+    else:
         sample_clusters = cluster_of_image[indices]
-        slot_clusters = torch.where(memory_bank.indices >= 0, cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
+        slot_clusters = torch.where(memory_bank.indices >= 0,
+                                    cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
         _, constrained, constrained_valid = common.knn_search(
-            target, memory_bank.embeddings, k, query_labels=sample_clusters, key_labels=slot_clusters,
+            target, memory_bank.embeddings, k, query_labels=sample_clusters,
+            key_labels=slot_clusters,
             search_dtype=search_dtype)
         constrained_rows = sample_clusters >= 0
     found["constrained"], found["constrained_valid"] = complete_constrained(
@@ -457,7 +506,8 @@ def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_b
 def cmsf_loss(queries, memory_bank, found):
     """The CMSF self-supervised loss, averaged over the query crops q of each image:
         L = 1/2 [ 1/|N_C(t)| sum_{z in N_C(t)} (2 - 2 q.z)  +  1/k sum_{z in N(t)} (2 - 2 q.z) ]
-    N(t): top-k of t in the bank; N_C(t): top-k of t restricted to the constraint set C (both hold t).
+    N(t): top-k of t in the bank; N_C(t): top-k of t restricted to the constraint set C (both hold
+    t).
     queries: (crops, B, d) unit vectors. Returns the per-sample loss (B,)."""
     constrained = memory_bank.embeddings[found["constrained"]]
     unconstrained = memory_bank.embeddings[found["unconstrained"]]
@@ -468,18 +518,23 @@ def cmsf_loss(queries, memory_bank, found):
 
 @torch.no_grad()
 def rank_in_unconstrained_order(target, bank_embeddings, slots, valid, chunk_size=65536):
-    """Mean rank (0 = nearest) of the given neighbours among all bank entries ordered by similarity to
+    """Mean rank (0 = nearest) of the given neighbours among all bank entries ordered by similarity
+    to
     t: the count of entries strictly more similar. One B x M pass, so it is only run at print steps.
-    The neighbours' own similarities come from the same matmul, so a neighbour never outranks itself."""
-    sims = torch.cat([target @ chunk.float().T for chunk in bank_embeddings.split(chunk_size)], dim=1)
+    The neighbours' own similarities come from the same matmul, so a neighbour never outranks
+    itself."""
+    sims = torch.cat([target @ chunk.float().T for chunk in bank_embeddings.split(chunk_size)],
+                     dim=1)
     neighbour_sims = sims.gather(1, slots)
-    ranks = torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1) for j in range(slots.shape[1])], dim=1)
+    ranks = torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1) for j in range(slots.shape[1])],
+                        dim=1)
     valid = valid.float()
     return (ranks.float() * valid).sum() / valid.sum().clamp(min=1)
 
 
 def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
-                    previous_bank, store, cluster_of_image, other_modality, lr_schedule, start_iter):
+                    previous_bank, store, cluster_of_image, other_modality, lr_schedule,
+                    start_iter):
     """One epoch of CMSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
     iters = loader.sampler.iters_per_epoch
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
@@ -491,7 +546,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         common.set_lr(optimizer, lr_schedule[step])
         views = common.prepare_views(views, run.device, run.channels_last)
         target_view, query_crops = views[0], views[1:]  # query crops: the query view + local crops
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
+        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
+                                                                               non_blocking=True)
 
         with run.autocast():
             queries = online(query_crops)
@@ -504,7 +560,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                 target = target_encoder(shuffled)
             target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
             # Enqueue first (inside): the bank then holds t itself, its own nearest neighbour.
-            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store,
+            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank,
+                                                store,
                                                 cluster_of_image, args.constraint, args.topk,
                                                 args.topk_prime, search_dtype, other_modality)
 
@@ -519,7 +576,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         # fraction of samples without a constraint (plain MSF), and at print steps the mean rank of
         # the constrained neighbours in the unconstrained ordering (how far down the plain list).
         logger.update(loss=loss,
-                      purity_constrained=common.purity(memory_bank.labels[found["constrained"]], labels,
+                      purity_constrained=common.purity(memory_bank.labels[found["constrained"]],
+                                                       labels,
                                                        found["constrained_valid"]),
                       purity_unconstrained=common.purity(memory_bank.labels[found["unconstrained"]],
                                                          labels),
@@ -548,14 +606,14 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
 def check_args(args, num_images):
     """The checks of this script's own flags (the shared ones are common.check_training_args)."""
     if not 1 <= args.topk_prime <= args.mem_bank_size:
-        raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and --mem-bank-size "
-                                f"({args.mem_bank_size})")
+        raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and "
+                                f"--mem-bank-size ({args.mem_bank_size})")
     if args.constraint == "kmeans" and not 1 <= args.num_clusters <= num_images:
-        raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the number of "
-                                f"training images ({num_images}); lower it")
+        raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the "
+                                f"number of training images ({num_images}); lower it")
     if (args.constraint == "embeddings") != (args.constraint_embeddings is not None):
-        raise common.UsageError("--constraint embeddings and --constraint-embeddings FILE go together; "
-                                "pass both (or neither)")
+        raise common.UsageError("--constraint embeddings and --constraint-embeddings FILE go "
+                                "together; pass both (or neither)")
     if args.kmeans_iters < 1:
         raise common.UsageError(f"--kmeans-iters {args.kmeans_iters} must be at least 1")
     if args.local_crops_number < 0:
@@ -570,20 +628,23 @@ def main(args):
     run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
 
     # ---- data: [target view, query view, local query crops...]
-    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
-                                   args.synthetic_images)
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
+                                             args.image_size, args.synthetic_images)
     check_args(args, len(base))
     common.check_dataset_size(len(base), args)
     other_modality = None
     if args.constraint == "embeddings":
         other_modality = tuple(x.to(run.device) for x in read_other_modality_embeddings(
-            args.constraint_embeddings, common.dataset_relative_paths(base), getattr(torch, args.store_dtype)))
+            args.constraint_embeddings, common.dataset_relative_paths(base),
+            getattr(torch, args.store_dtype)))
         if run.rank == 0:
             missing = int((~other_modality[1]).sum())
-            print(f"--constraint-embeddings {args.constraint_embeddings}: {other_modality[0].shape[1]}-d "
-                  f"embeddings of {len(base) - missing} images; {missing} without one use plain MSF",
+            print(f"--constraint-embeddings {args.constraint_embeddings}: "
+                  f"{other_modality[0].shape[1]}-d embeddings of {len(base) - missing} images; "
+                  f"{missing} without one use plain MSF",
                   flush=True)
-    two_views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device).view_transforms
+    two_views = common.two_view_transform(args.augmentation, args.image_size,
+                                          run.augment_on_device).view_transforms
     local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE,
                                               on_device=run.augment_on_device)
                    for _ in range(args.local_crops_number)]
@@ -594,14 +655,16 @@ def main(args):
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
                                                             run.device, run.channels_last,
-                                                            args.bn_batch_size, run.local_batch_size,
+                                                            args.bn_batch_size,
+                                                            run.local_batch_size,
                                                             online_class=OnlineNetwork)
     encoder = online[0]
 
     # ---- memories, replicated and identical on every rank: bank, previous-visit store, and M'
     # (2Q, lockstep with the bank) or the k-means cluster of every image (CMSF-KM)
     store_dtype = getattr(torch, args.store_dtype)
-    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, getattr(torch, args.bank_dtype),
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
+                                    getattr(torch, args.bank_dtype),
                                     seed=args.seed).to(run.device)
     store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(run.device)
     previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype,
@@ -621,16 +684,18 @@ def main(args):
         mib = 2 ** 20
         upstream = 2 * len(dataset) * encoder.embed_dim * 4
         second = (f" + M' {args.mem_bank_size} x {encoder.embed_dim} {args.store_dtype} "
-                  f"({previous_bank.embeddings.nbytes / mib:.1f} MiB)" if previous_bank is not None else "")
+                  f"({previous_bank.embeddings.nbytes / mib:.1f} "
+                  f"MiB)" if previous_bank is not None else "")
         print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {run.world_size} process(es) on "
-              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
-              f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, "
+              f"bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
               f"({memory_bank.embeddings.nbytes / mib:.1f} MiB), constraint {args.constraint}, "
-              f"k={args.topk}, k'={args.topk_prime}, {args.augmentation}, {args.local_crops_number} local "
-              f"crops of {args.local_crops_size} px, amp {common.amp_name(run.autocast_dtype)}, "
-              f"{run.workers} loader workers\nprevious-visit store {len(dataset)} x {encoder.embed_dim} "
-              f"{args.store_dtype} ({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x d "
-              f"float32 ({upstream / mib:.1f} MiB)", flush=True)
+              f"k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
+              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp "
+              f"{common.amp_name(run.autocast_dtype)}, {run.workers} loader "
+              f"workers\nprevious-visit store {len(dataset)} x {encoder.embed_dim} "
+              f"{args.store_dtype} ({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x "
+              f"d float32 ({upstream / mib:.1f} MiB)", flush=True)
 
     online_ddp = run.ddp(online)
     run.start_epoch_loop()
@@ -638,8 +703,10 @@ def main(args):
         sampler.set_epoch(epoch, start_iter)
         start = time.time()
         extra = {}
-        if args.constraint == "kmeans" and epoch > 0 and start_iter == 0:  # a resumed epoch keeps its clusters
-            clusters.cluster_of_image.copy_(cluster_store(store, args.num_clusters, args.kmeans_iters,
+        # a resumed epoch keeps its clusters
+        if args.constraint == "kmeans" and epoch > 0 and start_iter == 0:
+            clusters.cluster_of_image.copy_(cluster_store(store, args.num_clusters,
+                                                          args.kmeans_iters,
                                                           args.seed, epoch))
             assigned = clusters.cluster_of_image[clusters.cluster_of_image >= 0]
             extra = {"kmeans_seconds": round(time.time() - start, 1),

@@ -1,6 +1,7 @@
 """CMSF, supervised and noisy-supervised: mean shift constrained to neighbours of the same label.
 
-Constrained Mean Shift (Navaneet, Koohpayegani, Tejankar, Pourahmadi, Subramanya & Pirsiavash, ECCV 2022).
+Constrained Mean Shift (Navaneet, Koohpayegani, Tejankar, Pourahmadi, Subramanya & Pirsiavash, ECCV
+2022).
 
 MSF (train_msf.py) with the neighbour search restricted to bank entries that carry the sample's own
 (possibly noisy) training label: loss = mean over the k nearest same-label entries z_j of the target
@@ -10,7 +11,8 @@ towards every same-label entry in the bank.
 
 Rows (ResNet-50, ImageNet, 200 epochs, batch 256, M = 128K, weak/strong, BatchNorm over 64 images,
 float32). The papers and posters give no numbers for these rows (the CMSF poster shows a figure
-only: "relatively robust to label noise"): `python train_cmsf_sup.py --data /imagenet --amp none` plus
+only: "relatively robust to label noise"): `python train_cmsf_sup.py --data /imagenet --amp none`
+plus
   supervised, k = 10      (no more flags)
   supervised, top-all     --topk 0
   noisy 5/10/25/50 %      --label-noise 0.05 (0.10, 0.25, 0.50)
@@ -35,31 +37,41 @@ SCRIPT = "train_cmsf_sup.py"
 
 def get_args_parser():
     p = argparse.ArgumentParser("CMSF-sup", description=__doc__.split("\n")[0], add_help=False)
-    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p.add_argument("--data", default=None,
+                   help="dataset root (ImageFolder root with train/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"],
+                   help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
-    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
+    p.add_argument("--synthetic-images", type=int, default=5000,
+                   help="training images of --dataset synthetic")
     p.add_argument("--label-noise", type=float, default=0.0,
-                   help="replace exactly round(FRACTION x N) training labels by a uniformly random other "
-                        "class (seeded by --seed)")
+                   help="replace exactly round(FRACTION x N) training labels by a uniformly random "
+                        "other class (seeded by --seed)")
     p.add_argument("--noisy-labels", default=None,
-                   help="file of 'relative/path label' lines (path relative to the train folder; label = "
-                        "class folder name, or class index when it is not a folder name) giving the "
-                        "training label of every image (imagefolder only)")
+                   help="file of 'relative/path label' lines (path relative to the train folder; "
+                        "label = class folder name, or class index when it is not a folder name) "
+                        "giving the training label of every image (imagefolder only)")
     p.add_argument("--loss", default="cmsf", choices=["cmsf", "xent"],
-                   help="cmsf: the supervised CMSF loss; xent: the cross-entropy baseline (a linear "
-                        "classifier on the backbone, same labels, schedule and query augmentation)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (cosine schedule over them)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+                   help="cmsf: the supervised CMSF loss; xent: the cross-entropy baseline (a "
+                        "linear classifier on the backbone, same labels, schedule and query "
+                        "augmentation)")
+    p.add_argument("--arch", default="resnet50",
+                   help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200,
+                   help="training epochs (cosine schedule over them)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="learning rate for batch 256, scaled linearly")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
     p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
     p.add_argument("--topk", type=int, default=10,
-                   help="number of same-label nearest neighbours k; 0 = all same-label bank entries (top-all)")
+                   help="number of same-label nearest neighbours k; 0 = all same-label bank "
+                        "entries (top-all)")
     p.add_argument("--mem-bank-size", type=int, default=128_000, help="memory bank size M")
     p.add_argument("--bank-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage precision of the memory bank (half halves its memory)")
@@ -73,19 +85,24 @@ def get_args_parser():
                    help="data-loading processes per process; None: 8, at most the CPUs per process")
     p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
                    help="where colour jitter, grayscale, blur and normalisation run: in the loader "
-                        "workers per image, or batched on the training device (auto: device on GPU)")
+                        "workers per image, or batched on the training device (auto: device on "
+                        "GPU)")
     p.add_argument("--bn-batch-size", type=int, default=64,
                    help="samples each BatchNorm normalises over, independent of the number of GPUs "
                         "(the papers: 64 = 256 on 4 GPUs); 0: the per-process batch")
-    p.add_argument("--output-dir", default="./output/cmsf_sup", help="checkpoints, logs; resumes from here")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
-    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--output-dir", default="./output/cmsf_sup",
+                   help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
+    p.add_argument("--save-every", type=int, default=10,
+                   help="keep a weights-only copy every N epochs")
     p.add_argument("--checkpoint-minutes", type=float, default=30,
                    help="also save checkpoint.pth every N minutes within an epoch")
     p.add_argument("--stop-after-iters", type=int, default=0,
-                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
-                        "for fixed time slots")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
+                   help="save a checkpoint and exit after this many iterations of this run (0: "
+                        "never); for fixed time slots")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, augmentations and order")
     p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     common.add_monitor_args(p)
@@ -95,21 +112,23 @@ def get_args_parser():
 # ---------------------------------------------------------------- the constrained loss
 
 def constrained_topk_loss(query, target, labels, memory_bank, k, search_dtype=None):
-    """Supervised CMSF loss (paper eq. 1 with C = same label): mean over the k nearest bank entries z_j
-    of t among those with the sample's label, of dist(q, z_j) = 2 - 2 q.z_j. A class with fewer than k
-    entries in the bank averages over the ones it has (never filled with other classes).
+    """Supervised CMSF loss (paper eq. 1 with C = same label): mean over the k nearest bank entries
+    z_j of t among those with the sample's label, of dist(q, z_j) = 2 - 2 q.z_j. A class with fewer
+    than k entries in the bank averages over the ones it has (never filled with other classes).
     Returns (per-sample loss, neighbour slots (B, k), valid (B, k))."""
-    _, neighbour_slots, valid = common.knn_search(target, memory_bank.embeddings, k, query_labels=labels,
-                                                  key_labels=memory_bank.labels, search_dtype=search_dtype)
+    _, neighbour_slots, valid = common.knn_search(target, memory_bank.embeddings, k,
+                                                  query_labels=labels,
+                                                  key_labels=memory_bank.labels,
+                                                  search_dtype=search_dtype)
     neighbours = memory_bank.embeddings[neighbour_slots]
     return common.mean_shift_loss(query, neighbours, valid), neighbour_slots, valid
 
 
 def top_all_loss(query, labels, memory_bank, num_classes):
-    """Top-all: mean over ALL bank entries z_j of the sample's class of 2 - 2 q.z_j, which is exactly
-    2 - 2 q.mean_j(z_j); the per-class means come from one index_add over the bank instead of a B x M
-    matrix (empty slots, label -1, add zero: no boolean mask, no host sync). Returns (per-sample loss,
-    number of same-class entries per sample)."""
+    """Top-all: mean over ALL bank entries z_j of the sample's class of 2 - 2 q.z_j, which is
+    exactly 2 - 2 q.mean_j(z_j); the per-class means come from one index_add over the bank instead
+    of a B x M matrix (empty slots, label -1, add zero: no boolean mask, no host sync). Returns
+    (per-sample loss, number of same-class entries per sample)."""
     filled = (memory_bank.labels >= 0).float()  # (M,)
     bank_labels = memory_bank.labels.clamp(min=0)
     class_sums = torch.zeros(num_classes, memory_bank.embeddings.shape[1], device=query.device)
@@ -130,14 +149,16 @@ def clean_labels_of_slots(memory_bank, slots, clean_labels):
 
 @torch.no_grad()
 def top_all_purity(labels, clean, memory_bank, clean_labels, num_classes):
-    """Purity of top-all: over all same-(training)-label bank entries of every sample, the fraction whose
-    clean label equals the sample's clean label. Counts the bank's (training label, clean label) pairs
-    in a classes x classes table (no B x M matrix, no host sync)."""
+    """Purity of top-all: over all same-(training)-label bank entries of every sample, the fraction
+    whose clean label equals the sample's clean label. Counts the bank's (training label, clean
+    label) pairs in a classes x classes table (no B x M matrix, no host sync)."""
     filled = (memory_bank.labels >= 0).float()
-    bank_clean = clean_labels_of_slots(memory_bank, torch.arange(memory_bank.size, device=filled.device),
+    bank_clean = clean_labels_of_slots(memory_bank,
+                                       torch.arange(memory_bank.size, device=filled.device),
                                        clean_labels)
     pairs = memory_bank.labels.clamp(min=0) * num_classes + bank_clean.clamp(min=0)
-    table = torch.zeros(num_classes * num_classes, device=filled.device).index_add_(0, pairs, filled)
+    table = torch.zeros(num_classes * num_classes, device=filled.device).index_add_(0, pairs,
+                                                                                    filled)
     table = table.view(num_classes, num_classes)  # [training label, clean label] -> count
     same = table[labels, clean]
     total = table.sum(dim=1)[labels]
@@ -147,10 +168,11 @@ def top_all_purity(labels, clean, memory_bank, clean_labels, num_classes):
 # ---------------------------------------------------------------- training labels (clean or noisy)
 
 def make_noisy_labels(clean_labels, num_classes, fraction, seed):
-    """Exactly round(fraction x N) labels, chosen at random, each replaced by a uniformly random OTHER
-    class (offset 1..C-1 modulo C). Reproducible: depends only on (labels, fraction, seed)."""
+    """Exactly round(fraction x N) labels, chosen at random, each replaced by a uniformly random
+    OTHER class (offset 1..C-1 modulo C). Reproducible: depends only on (labels, fraction, seed)."""
     if not 0.0 <= fraction <= 1.0:
-        raise common.UsageError(f"--label-noise {fraction} must be a fraction in [0, 1], e.g. 0.25 for 25 %")
+        raise common.UsageError(f"--label-noise {fraction} must be a fraction in [0, 1], e.g. 0.25 "
+                                f"for 25 %")
     if fraction > 0 and num_classes < 2:
         raise common.UsageError("--label-noise needs at least 2 classes")
     generator = torch.Generator().manual_seed(seed)
@@ -164,14 +186,15 @@ def make_noisy_labels(clean_labels, num_classes, fraction, seed):
 
 def read_noisy_label_file(path, dataset):
     """Training labels from a file of 'relative/path label' lines, one per training image of an
-    ImageFolder (path relative to its train/ folder). Unknown paths, images without a line, duplicates
-    and unknown labels are errors that name the first few offenders."""
+    ImageFolder (path relative to its train/ folder). Unknown paths, images without a line,
+    duplicates and unknown labels are errors that name the first few offenders."""
     if not hasattr(dataset, "samples"):
-        raise common.UsageError("--noisy-labels needs --dataset imagefolder (it names images by path); "
-                                "use --label-noise for other datasets")
+        raise common.UsageError("--noisy-labels needs --dataset imagefolder (it names images by "
+                                "path); use --label-noise for other datasets")
     if not os.path.isfile(path):
         raise common.UsageError(f"--noisy-labels {path} does not exist")
-    index_of = {os.path.relpath(p, dataset.root).replace(os.sep, "/"): i for i, (p, _) in enumerate(dataset.samples)}
+    index_of = {os.path.relpath(p, dataset.root).replace(os.sep, "/"): i
+                for i, (p, _) in enumerate(dataset.samples)}
     num_classes = len(dataset.classes)
     labels = torch.full((len(dataset.samples),), -1, dtype=torch.long)
     unknown, duplicates = [], []
@@ -181,7 +204,8 @@ def read_noisy_label_file(path, dataset):
                 continue
             parts = line.strip().rsplit(None, 1)
             if len(parts) != 2:
-                raise common.UsageError(f"{path} line {line_number}: expected 'relative/path label', got {line.strip()!r}")
+                raise common.UsageError(f"{path} line {line_number}: expected 'relative/path "
+                                        f"label', got {line.strip()!r}")
             rel_path, token = parts[0].replace("\\", "/").removeprefix("./"), parts[1]
             if token in dataset.class_to_idx:
                 label = dataset.class_to_idx[token]
@@ -189,8 +213,8 @@ def read_noisy_label_file(path, dataset):
                 label = int(token)
             else:
                 raise common.UsageError(
-                    f"{path} line {line_number}: label {token!r} is neither a class folder name nor a "
-                    f"class index in 0..{num_classes - 1}; write the class folder name (e.g. "
+                    f"{path} line {line_number}: label {token!r} is neither a class folder name "
+                    f"nor a class index in 0..{num_classes - 1}; write the class folder name (e.g. "
                     f"{dataset.classes[0]}) or its index")
             if rel_path not in index_of:
                 unknown.append(rel_path)
@@ -202,16 +226,19 @@ def read_noisy_label_file(path, dataset):
     for problem, names in (("are not images of the train folder", unknown),
                            ("appear more than once", duplicates)):
         if names:
-            raise common.UsageError(f"{len(names)} paths in {path} {problem} (first: {', '.join(names[:3])}); "
-                                    f"paths must be relative to {dataset.root}, e.g. n01440764/n01440764_10026.JPEG")
+            raise common.UsageError(f"{len(names)} paths in {path} {problem} (first: "
+                                    f"{', '.join(names[:3])}); paths must be relative to "
+                                    f"{dataset.root}, e.g. n01440764/n01440764_10026.JPEG")
     if missing:
-        raise common.UsageError(f"{len(missing)} of {len(index_of)} training images have no line in {path} "
-                                f"(first: {', '.join(missing[:3])}); the file must label every image")
+        raise common.UsageError(f"{len(missing)} of {len(index_of)} training images have no line "
+                                f"in {path} (first: {', '.join(missing[:3])}); the file must label "
+                                f"every image")
     return labels
 
 
 def training_labels(args, base, num_classes):
-    """(clean labels, training labels) by dataset index; the training labels are what the bank stores."""
+    """(clean labels, training labels) by dataset index; the training labels are what the bank
+    stores."""
     clean_labels = common.dataset_targets(base)
     if args.noisy_labels and args.label_noise:
         raise common.UsageError("--noisy-labels and --label-noise are exclusive; pass one of them")
@@ -230,9 +257,11 @@ class XentNetwork(torch.nn.Sequential):
 
 # ---------------------------------------------------------------- training
 
-def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank, clean_labels,
+def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
+                    clean_labels,
                     num_classes, lr_schedule, start_iter):
-    """One epoch of CMSF-sup. Returns the epoch's averages, or None when the run must stop mid-epoch."""
+    """One epoch of CMSF-sup. Returns the epoch's averages, or None when the run must stop
+    mid-epoch."""
     iters = loader.sampler.iters_per_epoch
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
                                  args.print_freq, start_iter, run.resumed_metrics)
@@ -241,10 +270,12 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         step = epoch * iters + it
         common.set_lr(optimizer, lr_schedule[step])
         target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
+        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
+                                                                               non_blocking=True)
 
         clean = clean_labels[indices]
-        if args.loss == "xent":  # the baseline: a linear classifier's cross-entropy on the same labels
+        # the baseline: a linear classifier's cross-entropy on the same labels
+        if args.loss == "xent":
             with run.autocast():
                 logits = online(query_view)
             loss_per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -261,7 +292,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                 with run.autocast():
                     target = target_encoder(shuffled)
                 target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
-                # Enqueue first (with the TRAINING labels): t is then its own nearest same-label neighbour.
+                # Enqueue first (with the TRAINING labels): t is then its own nearest same-label
+                # neighbour.
                 memory_bank.enqueue(common.all_gather(target), common.all_gather(labels),
                                     common.all_gather(indices))
 
@@ -270,9 +302,11 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                 purity = top_all_purity(labels, clean, memory_bank, clean_labels, num_classes)
             else:
                 loss_per_sample, neighbour_slots, valid = constrained_topk_loss(
-                    query, target, labels, memory_bank, args.topk, getattr(torch, args.search_dtype))
+                    query, target, labels, memory_bank, args.topk,
+                    getattr(torch, args.search_dtype))
                 counts = valid.sum(dim=1)
-                purity = common.purity(clean_labels_of_slots(memory_bank, neighbour_slots, clean_labels),
+                purity = common.purity(clean_labels_of_slots(memory_bank, neighbour_slots,
+                                                             clean_labels),
                                        clean, valid)
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
@@ -283,9 +317,10 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         logger.update(loss=loss, purity=purity, neighbours=counts.float().mean())
         logger.step(it, lr=lr_schedule[step])
         if ((it + 1) % args.print_freq == 0 or it + 1 == iters) and args.loss == "cmsf":
-            bank_clean = clean_labels_of_slots(memory_bank, torch.arange(args.mem_bank_size,
-                                                                         device=run.device), clean_labels)
-            logger.update(**common.neighbour_diagnostics(target, clean, memory_bank.embeddings, bank_clean,
+            all_slots = torch.arange(args.mem_bank_size, device=run.device)
+            bank_clean = clean_labels_of_slots(memory_bank, all_slots, clean_labels)
+            logger.update(**common.neighbour_diagnostics(target, clean, memory_bank.embeddings,
+                                                         bank_clean,
                                                          query_labels=labels,
                                                          key_labels=memory_bank.labels))
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
@@ -297,22 +332,25 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
 
 
 def main(args):
-    run = common.TrainingRun(args, SCRIPT, min_topk=0)  # distributed init, device, precision; checks
+    # distributed init, device, precision; checks
+    run = common.TrainingRun(args, SCRIPT, min_topk=0)
 
-    # ---- data: the loader yields the TRAINING (possibly noisy) labels; clean ones are kept for purity
+    # ---- data: the loader yields the TRAINING (possibly noisy) labels; clean ones are kept for
+    # purity
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
     common.check_dataset_size(len(base), args)
     clean_labels, train_labels = training_labels(args, base, num_classes)
-    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device),
-                                    labels=train_labels)
+    views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
+    dataset = common.IndexedDataset(base, views, labels=train_labels)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
     loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
                                                             run.device, run.channels_last,
-                                                            args.bn_batch_size, run.local_batch_size)
+                                                            args.bn_batch_size,
+                                                            run.local_batch_size)
     encoder = online[0]
     if args.loss == "xent":  # a linear classifier replaces the predictor; the projection is unused
         online[1] = torch.nn.Linear(encoder.feat_dim, num_classes).to(run.device)
@@ -329,15 +367,16 @@ def main(args):
     start_epoch, start_iter = run.resume(args.resume)
     if run.rank == 0 and not run.already_complete:
         num_noisy = int((train_labels != clean_labels).sum())
-        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {num_classes} classes, {run.world_size} "
-              f"process(es) on {run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} "
-              f"it/epoch, bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
-              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), k={args.topk or 'all same-label'}, "
-              f"{args.augmentation}, amp {common.amp_name(run.autocast_dtype)}, {run.workers} loader "
-              "workers", flush=True)
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {num_classes} classes, "
+              f"{run.world_size} process(es) on {run.device}, global batch {args.batch_size}, "
+              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
+              f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / 2**20:.1f} "
+              f"MiB), k={args.topk or 'all same-label'}, {args.augmentation}, amp "
+              f"{common.amp_name(run.autocast_dtype)}, {run.workers} loader workers", flush=True)
         print(f"noisy training labels: {num_noisy} of {len(train_labels)} "
-              f"({num_noisy / len(train_labels):.2%})" + (f" from {args.noisy_labels}" if args.noisy_labels
-                                                          else f", --label-noise {args.label_noise}"),
+              f"({num_noisy / len(train_labels):.2%})"
+              + (f" from {args.noisy_labels}" if args.noisy_labels
+                 else f", --label-noise {args.label_noise}"),
               flush=True)
 
     online_ddp = run.ddp(online)
@@ -351,7 +390,8 @@ def main(args):
         if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
             break
         start_iter = 0
-        record = {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+        record = {"epoch": epoch + 1, **stats,
+                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
                   "epoch_seconds": round(time.time() - start, 1)}
         run.end_epoch(epoch, record, encoder.backbone)
         if run.should_stop_after_epoch(epoch):

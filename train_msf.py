@@ -30,16 +30,24 @@ SCRIPT = "train_msf.py"
 
 def get_args_parser():
     p = argparse.ArgumentParser("MSF", description=__doc__.split("\n")[0], add_help=False)
-    p.add_argument("--data", default=None, help="dataset root (ImageFolder root with train/, or torchvision root)")
+    p.add_argument("--data", default=None,
+                   help="dataset root (ImageFolder root with train/, or torchvision root)")
     p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"], help="dataset format")
+                   choices=["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"],
+                   help="dataset format")
     p.add_argument("--download", action="store_true", help="download cifar/stl10 if missing")
-    p.add_argument("--synthetic-images", type=int, default=5000, help="training images of --dataset synthetic")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet18, resnet50, ...)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size; <= 64 uses the small-image stem")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (cosine schedule over them)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size over all processes")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate for batch 256, scaled linearly")
+    p.add_argument("--synthetic-images", type=int, default=5000,
+                   help="training images of --dataset synthetic")
+    p.add_argument("--arch", default="resnet50",
+                   help="torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop size; <= 64 uses the small-image stem")
+    p.add_argument("--epochs", type=int, default=200,
+                   help="training epochs (cosine schedule over them)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="learning rate for batch 256, scaled linearly")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay (all trainable parameters)")
     p.add_argument("--ema", type=float, default=0.99, help="target EMA momentum m (constant)")
@@ -57,19 +65,24 @@ def get_args_parser():
                    help="data-loading processes per process; None: 8, at most the CPUs per process")
     p.add_argument("--augment-on", default="auto", choices=["auto", "loader", "device"],
                    help="where colour jitter, grayscale, blur and normalisation run: in the loader "
-                        "workers per image, or batched on the training device (auto: device on GPU)")
+                        "workers per image, or batched on the training device (auto: device on "
+                        "GPU)")
     p.add_argument("--bn-batch-size", type=int, default=64,
                    help="samples each BatchNorm normalises over, independent of the number of GPUs "
                         "(the papers: 64 = 256 on 4 GPUs); 0: the per-process batch")
-    p.add_argument("--output-dir", default="./output/msf", help="checkpoints, logs; resumes from here")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
-    p.add_argument("--save-every", type=int, default=10, help="keep a weights-only copy every N epochs")
+    p.add_argument("--output-dir", default="./output/msf",
+                   help="checkpoints, logs; resumes from here")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; None: <output-dir>/checkpoint.pth if it exists")
+    p.add_argument("--save-every", type=int, default=10,
+                   help="keep a weights-only copy every N epochs")
     p.add_argument("--checkpoint-minutes", type=float, default=30,
                    help="also save checkpoint.pth every N minutes within an epoch")
     p.add_argument("--stop-after-iters", type=int, default=0,
-                   help="save a checkpoint and exit after this many iterations of this run (0: never); "
-                        "for fixed time slots")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentations and order")
+                   help="save a checkpoint and exit after this many iterations of this run (0: "
+                        "never); for fixed time slots")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, augmentations and order")
     p.add_argument("--print-freq", type=int, default=50, help="iterations between progress lines")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     common.add_monitor_args(p)
@@ -77,9 +90,11 @@ def get_args_parser():
 
 
 def msf_loss(query, target, memory_bank, k, search_dtype=None):
-    """The MSF loss (paper eq. 1): mean over the k nearest neighbours z_j of the target t in the bank
-    (which already holds t) of dist(q, z_j) = 2 - 2 q.z_j. Returns (per-sample loss, neighbour slots)."""
-    _, neighbour_slots, _ = common.knn_search(target, memory_bank.embeddings, k, search_dtype=search_dtype)
+    """The MSF loss (paper eq. 1): mean over the k nearest neighbours z_j of the target t in the
+    bank (which already holds t) of dist(q, z_j) = 2 - 2 q.z_j. Returns (per-sample loss, neighbour
+    slots)."""
+    _, neighbour_slots, _ = common.knn_search(target, memory_bank.embeddings, k,
+                                              search_dtype=search_dtype)
     neighbours = memory_bank.embeddings[neighbour_slots]
     return common.mean_shift_loss(query, neighbours), neighbour_slots
 
@@ -95,7 +110,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
         step = epoch * iters + it
         common.set_lr(optimizer, lr_schedule[step])
         target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device, non_blocking=True)
+        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
+                                                                               non_blocking=True)
 
         with run.autocast():
             query = online(query_view)
@@ -135,17 +151,19 @@ def main(args):
     run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
 
     # ---- data: two views of every image (target, query)
-    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download, args.image_size,
-                                   args.synthetic_images)
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
+                                             args.image_size, args.synthetic_images)
     common.check_dataset_size(len(base), args)
-    dataset = common.IndexedDataset(base, common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device))
+    views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
+    dataset = common.IndexedDataset(base, views)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
     loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
 
     # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
                                                             run.device, run.channels_last,
-                                                            args.bn_batch_size, run.local_batch_size)
+                                                            args.bn_batch_size,
+                                                            run.local_batch_size)
     encoder = online[0]
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
                                     getattr(torch, args.bank_dtype), seed=args.seed).to(run.device)
@@ -157,10 +175,11 @@ def main(args):
     start_epoch, start_iter = run.resume(args.resume)
     if run.rank == 0 and not run.already_complete:
         print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {run.world_size} process(es) on "
-              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank "
-              f"{args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
-              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), k={args.topk}, {args.augmentation}, "
-              f"amp {common.amp_name(run.autocast_dtype)}, {run.workers} loader workers", flush=True)
+              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, "
+              f"bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), k={args.topk}, "
+              f"{args.augmentation}, amp {common.amp_name(run.autocast_dtype)}, {run.workers} "
+              f"loader workers", flush=True)
 
     online_ddp = run.ddp(online)
     run.start_epoch_loop()
@@ -172,7 +191,8 @@ def main(args):
         if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
             break
         start_iter = 0
-        record = {"epoch": epoch + 1, **stats, "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+        record = {"epoch": epoch + 1, **stats,
+                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
                   "epoch_seconds": round(time.time() - start, 1)}
         run.end_epoch(epoch, record, encoder.backbone)
         if run.should_stop_after_epoch(epoch):

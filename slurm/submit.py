@@ -1,23 +1,27 @@
-"""Send any of the seven scripts to SLURM with submitit (DINO's run_with_submitit.py, for every script).
+"""Send any of the seven scripts to SLURM with submitit (DINO's run_with_submitit.py, for every
+script).
 
     python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]
 
 The script's own parser reads SCRIPT options, so every option works unchanged. One task per GPU;
-torch.distributed is initialised from the job's environment (submitit's TorchDistributedEnvironment).
-When SLURM warns a job (USR2, --signal-delay-s before the time limit or a preemption), the training
-scripts save <output-dir>/checkpoint.pth and hand over to submitit, which requeues the job through
-Trainer.checkpoint(); the requeued job resumes from that checkpoint.
+torch.distributed is initialised from the job's environment (submitit's
+TorchDistributedEnvironment). When SLURM warns a job (USR2, --signal-delay-s before the time limit
+or a preemption), the training scripts save <output-dir>/checkpoint.pth and hand over to submitit,
+which requeues the job through Trainer.checkpoint(); the requeued job resumes from that checkpoint.
 
   # ImageNet, 2 nodes x 8 GPUs, 3-day slots, requeued until done
-  python slurm/submit.py --nodes 2 --gpus-per-node 8 --cpus-per-task 10 --mem-gb 400 --partition P \\
+  python slurm/submit.py --nodes 2 --gpus-per-node 8 --cpus-per-task 10 --mem-gb 400 --partition P
+  \\
       --time 4320 train_msf.py --data /imagenet --output-dir runs/msf
   # a CPU-only job of 2 processes (gloo)
   python slurm/submit.py --gpus-per-node 0 --tasks-per-node 2 train_msf.py --dataset synthetic
   # transfer evaluation: one array task per dataset, then a job that writes the table
-  python slurm/submit.py --array --gpus-per-node 1 transfer_eval.py --weights runs/msf/backbone_torchvision.pth \\
+  python slurm/submit.py --array --gpus-per-node 1 transfer_eval.py --weights
+  runs/msf/backbone_torchvision.pth \\
       --data-root /data/transfer --output-dir runs/msf/transfer
   # try a launch on this machine without SLURM
-  python slurm/submit.py --local --gpus-per-node 0 --tasks-per-node 2 --wait train_msf.py --dataset synthetic
+  python slurm/submit.py --local --gpus-per-node 0 --tasks-per-node 2 --wait train_msf.py --dataset
+  synthetic
 
 Job logs go to --job-dir (default output/slurm/%j, %j = the job id); --output-dir of the script
 defaults to that folder too.
@@ -39,22 +43,28 @@ if REPO_ROOT not in sys.path:
 import common  # noqa: E402
 
 # squeue states of a job that will not run again (REQUEUED, PENDING, COMPLETING, ... will)
-ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        "slurm/submit.py", usage="python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]",
+        "slurm/submit.py",
+        usage="python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]",
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1,
-                   help="one task per GPU; 0 = a CPU job (gloo) with --tasks-per-node tasks per node")
+                   help="one task per GPU; 0 = a CPU job (gloo) with --tasks-per-node tasks per "
+                        "node")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node of a CPU job (None: 1); a GPU job runs --gpus-per-node")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per process (None: SLURM's default)")
-    p.add_argument("--mem-gb", type=float, default=None, help="memory per node, GB (None: SLURM's default)")
-    p.add_argument("--time", type=int, default=4320, help="time limit of one run of the job, minutes")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per process (None: SLURM's default)")
+    p.add_argument("--mem-gb", type=float, default=None,
+                   help="memory per node, GB (None: SLURM's default)")
+    p.add_argument("--time", type=int, default=4320,
+                   help="time limit of one run of the job, minutes")
     p.add_argument("--partition", default=None, help="SLURM partition; None: the cluster's default")
     p.add_argument("--account", default=None, help="SLURM account to charge")
     p.add_argument("--qos", default=None, help="SLURM quality of service")
@@ -65,9 +75,11 @@ def get_args_parser():
     p.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch parameter, e.g. --slurm-extra mail-type=END (repeatable)")
     p.add_argument("--signal-delay-s", type=int, default=120,
-                   help="SLURM sends USR2 this long before the time limit: time to save a checkpoint")
+                   help="SLURM sends USR2 this long before the time limit: time to save a "
+                        "checkpoint")
     p.add_argument("--max-num-timeout", type=int, default=20,
-                   help="requeues after reaching the time limit before giving up (preemptions: unlimited)")
+                   help="requeues after reaching the time limit before giving up (preemptions: "
+                        "unlimited)")
     p.add_argument("--job-dir", default=os.path.join("output", "slurm", "%j"),
                    help="submitit's folder of this job (logs, pickles); %%j = job id")
     p.add_argument("--array", action="store_true",
@@ -75,7 +87,8 @@ def get_args_parser():
                         "collects the table (results.md, results.json) into --output-dir")
     p.add_argument("--local", action="store_true",
                    help="run on this machine with submitit's local executor instead of SLURM")
-    p.add_argument("--wait", action="store_true", help="block until the job is done and print its result")
+    p.add_argument("--wait", action="store_true",
+                   help="block until the job is done and print its result")
     p.add_argument("script", help="one of the suite's scripts, e.g. train_msf.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own options")
     return p
@@ -97,21 +110,24 @@ def import_script(path):
 
 def load_script(path):
     if not (path.endswith(".py") and os.path.isfile(path)):
-        raise common.UsageError(f"{path} is not a Python file; give the script to run, e.g. train_msf.py")
+        raise common.UsageError(f"{path} is not a Python file; give the script to run, e.g. "
+                                f"train_msf.py")
     module = import_script(path)
     if not (hasattr(module, "get_args_parser") and hasattr(module, "main")):
-        raise common.UsageError(f"{path} has no get_args_parser() and main(args); only the suite's scripts "
-                                "can be submitted")
+        raise common.UsageError(f"{path} has no get_args_parser() and main(args); only the suite's "
+                                "scripts can be submitted")
     return module
 
 
 class Trainer:
-    """What every task of the job runs: the script's main(args) in the job's torch.distributed setting.
+    """What every task of the job runs: the script's main(args) in the job's torch.distributed
+    setting.
 
-    checkpoint() is called by submitit on global rank 0 when SLURM signals the job (after the training
-    script saved checkpoint.pth); the job is requeued with the same arguments and the script resumes
-    from <output-dir>/checkpoint.pth. `command` is the submitting command line: the job sets sys.argv
-    to it, so the script's args.json records what the user typed, not submitit's own command."""
+    checkpoint() is called by submitit on global rank 0 when SLURM signals the job (after the
+    training script saved checkpoint.pth); the job is requeued with the same arguments and the
+    script resumes from <output-dir>/checkpoint.pth. `command` is the submitting command line: the
+    job sets sys.argv to it, so the script's args.json records what the user typed, not submitit's
+    own command."""
 
     def __init__(self, script_path, args, command=None):
         self.script_path = script_path
@@ -121,28 +137,33 @@ class Trainer:
     def __call__(self):
         job_env = submitit.JobEnvironment()
         # A requeued job may find this task's result file of the run before (an error of a rank that
-        # was stopped for the requeue): remove it, so that waiting for all results waits for this run.
+        # was stopped for the requeue): remove it, so that waiting for all results waits for this
+        # run.
         job_env.paths.result_pickle.unlink(missing_ok=True)
         # CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node, as under torchrun):
         # common.init_distributed picks cuda:LOCAL_RANK.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        args = copy.deepcopy(self.args)  # main() adds fields to args; a requeue resubmits the clean ones
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                              overwrite=True)
+        # main() adds fields to args; a requeue resubmits the clean ones
+        args = copy.deepcopy(self.args)
         if getattr(self, "command", None):  # absent in jobs pickled by an older submit.py
             sys.argv = list(self.command)
         if getattr(args, "output_dir", None):
             args.output_dir = args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.global_rank == 0:
-            print(f"{os.path.basename(self.script_path)} in job {job_env.job_id} ({job_env.num_tasks} tasks on "
-                  f"{job_env.num_nodes} node(s)), output dir {getattr(args, 'output_dir', None)}", flush=True)
+            print(f"{os.path.basename(self.script_path)} in job {job_env.job_id} "
+                  f"({job_env.num_tasks} tasks on {job_env.num_nodes} node(s)), output dir "
+                  f"{getattr(args, 'output_dir', None)}", flush=True)
         return common.run_guarded(import_script(self.script_path).main, args)  # as a direct run
 
     def checkpoint(self):
-        return submitit.helpers.DelayedSubmission(type(self)(self.script_path, self.args,
-                                                                  getattr(self, "command", None)))
+        return submitit.helpers.DelayedSubmission(
+            type(self)(self.script_path, self.args, getattr(self, "command", None)))
 
 
 class Collector:
-    """The step after a transfer array: transfer_eval.collect(output_dir) writes and returns the table."""
+    """The step after a transfer array: transfer_eval.collect(output_dir) writes and returns the
+    table."""
 
     def __init__(self, script_path, output_dir):
         self.script_path = script_path
@@ -159,14 +180,16 @@ def parse_extra(items):
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise common.UsageError(f"--slurm-extra {item!r} is not KEY=VALUE; e.g. --slurm-extra mail-type=END")
+            raise common.UsageError(f"--slurm-extra {item!r} is not KEY=VALUE; e.g. --slurm-extra "
+                                    f"mail-type=END")
         extra[key.strip().lstrip("-")] = value
     return extra
 
 
 def make_executor(opts, folder, nodes, gpus_per_node, tasks_per_node, timeout_min, name, extra):
     cluster = "local" if opts.local else "slurm"
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=opts.max_num_timeout,
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                     slurm_max_num_timeout=opts.max_num_timeout,
                                      local_max_num_timeout=opts.max_num_timeout)
     params = dict(nodes=nodes, tasks_per_node=tasks_per_node, timeout_min=timeout_min, name=name)
     if gpus_per_node:  # a CPU job asks for no GPU at all
@@ -191,15 +214,15 @@ def job_state(job):
     'UNKNOWN' once squeue has forgotten it. Local jobs report submitit's own state."""
     if isinstance(job, submitit.local.local.LocalJob):
         return {"FINISHED": "COMPLETED", "INTERRUPTED": "FAILED"}.get(job.state, job.state)
-    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%T", "--jobs", str(job.job_id)],
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%T", "--jobs",
+                          str(job.job_id)], capture_output=True, text=True).stdout.split()
     return out[0] if out else "UNKNOWN"
 
 
 def wait_for_results(job, poll_s=2.0, grace_s=60.0, timeout_s=None):
     """job.results() (one value per task) once every task wrote its result file. submitit's own wait
-    asks sacct, which needs SLURM's accounting database and hangs on a job that died without a result;
-    this one raises instead."""
+    asks sacct, which needs SLURM's accounting database and hangs on a job that died without a
+    result; this one raises instead."""
     tasks = [job.task(i) for i in range(job.num_tasks)]
     start, ended_since = time.time(), None
     while not all(task.paths.result_pickle.exists() for task in tasks):
@@ -207,18 +230,20 @@ def wait_for_results(job, poll_s=2.0, grace_s=60.0, timeout_s=None):
             ended_since = ended_since or time.time()
             if time.time() - ended_since > grace_s:
                 raise submitit.core.utils.UncompletedJobError(
-                    f"job {job.job_id} ended ({job_state(job)}) without a result; see {job.paths.stderr} "
-                    f"and {job.paths.stdout}")
+                    f"job {job.job_id} ended ({job_state(job)}) without a result; see "
+                    f"{job.paths.stderr} and {job.paths.stdout}")
         else:
             ended_since = None
         if timeout_s is not None and time.time() - start > timeout_s:
-            raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s (state {job_state(job)})")
+            raise TimeoutError(f"job {job.job_id} not done after {timeout_s:.0f} s (state "
+                               f"{job_state(job)})")
         time.sleep(poll_s)
     return job.results()
 
 
 def script_args_of(module, script_path, argv):
-    parser = argparse.ArgumentParser(prog=f"slurm/submit.py [SLURM options] {os.path.basename(script_path)}",
+    parser = argparse.ArgumentParser(prog=f"slurm/submit.py [SLURM options] "
+                                     f"{os.path.basename(script_path)}",
                                      parents=[module.get_args_parser()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(output_dir=None)  # None = not given: the job folder
@@ -243,24 +268,28 @@ def main(argv=None):
         raise common.UsageError("--gpus-per-node must be >= 0 and --nodes >= 1")
     if opts.gpus_per_node and opts.tasks_per_node not in (None, opts.gpus_per_node):
         raise common.UsageError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node "
-                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop --tasks-per-node")
+                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop "
+                                f"--tasks-per-node")
     tasks_per_node = opts.gpus_per_node or opts.tasks_per_node or 1
     if opts.local and opts.nodes > 1:
         raise common.UsageError("--local runs on this machine only: use --nodes 1")
     if not opts.local and shutil.which("sbatch") is None:
-        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local to try it here")
+        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local "
+                                "to try it here")
     name = opts.job_name or os.path.splitext(os.path.basename(script_path))[0]
     if opts.array:
-        return submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra, argv)
+        return submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra,
+                            argv)
 
     if hasattr(args, "output_dir"):
         args.output_dir = os.path.abspath(args.output_dir or job_dir)  # %j is replaced in the job
-    executor = make_executor(opts, job_dir, opts.nodes, opts.gpus_per_node, tasks_per_node, opts.time, name, extra)
+    executor = make_executor(opts, job_dir, opts.nodes, opts.gpus_per_node, tasks_per_node,
+                             opts.time, name, extra)
     job = executor.submit(Trainer(script_path, args, submit_command(argv)))
-    print(f"submitted job {job.job_id}: {opts.nodes} node(s) x {tasks_per_node} task(s)\n"
-          f"  output dir {getattr(args, 'output_dir', '-').replace('%j', str(job.job_id))}\n"
-          f"  logs       {job.paths.stdout} (task 0; task N writes _N_log.out)\n"
-          f"  errors     {job.paths.stderr}", flush=True)
+    print(f"submitted job {job.job_id}: {opts.nodes} node(s) x {tasks_per_node} task(s)\n  output "
+          f"dir {getattr(args, 'output_dir', '-').replace('%j', str(job.job_id))}\n  logs       "
+          f"{job.paths.stdout} (task 0; task N writes _N_log.out)\n  errors     "
+          f"{job.paths.stderr}", flush=True)
     if opts.wait:
         results = wait_for_results(job)
         print(f"job {job.job_id} done; result of task 0: {results[0]}", flush=True)
@@ -269,16 +298,21 @@ def main(argv=None):
 
 def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra, argv=None):
     """One array task per dataset name of --datasets, then the collect step: a job that starts after
-    the array ends (SLURM dependency afterany), or with --local this process once the tasks finished."""
+    the array ends (SLURM dependency afterany), or with --local this process once the tasks
+    finished."""
     if not (hasattr(module, "collect") and isinstance(getattr(args, "datasets", None), str)):
-        raise common.UsageError(f"--array needs a script with --datasets and collect() (transfer_eval.py), "
-                                f"not {os.path.basename(script_path)}")
-    names = module.parse_dataset_names(args.datasets) if hasattr(module, "parse_dataset_names") else \
-        [n.strip() for n in args.datasets.split(",") if n.strip()]
+        raise common.UsageError(f"--array needs a script with --datasets and collect() "
+                                f"(transfer_eval.py), not {os.path.basename(script_path)}")
+    if hasattr(module, "parse_dataset_names"):
+        names = module.parse_dataset_names(args.datasets)
+    else:
+        names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     # every task writes <output-dir>/<name>.json into one folder, so it is fixed now
-    output_dir = args.output_dir or job_dir.replace("%j", f"{name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    output_dir = args.output_dir or job_dir.replace("%j",
+                                                    f"{name}_{time.strftime('%Y%m%d-%H%M%S')}")
     args.output_dir = os.path.abspath(output_dir)
-    executor = make_executor(opts, job_dir, opts.nodes, opts.gpus_per_node, tasks_per_node, opts.time, name, extra)
+    executor = make_executor(opts, job_dir, opts.nodes, opts.gpus_per_node, tasks_per_node,
+                             opts.time, name, extra)
     trainers = []
     for dataset in names:
         task_args = copy.deepcopy(args)
@@ -286,8 +320,10 @@ def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name,
         trainers.append(Trainer(script_path, task_args, submit_command(argv)))
     with executor.batch():
         jobs = [executor.submit(trainer) for trainer in trainers]
-    print(f"submitted {len(jobs)} tasks ({', '.join(f'{j.job_id}: {n}' for j, n in zip(jobs, names))})\n"
-          f"  output dir {args.output_dir}\n  logs       {os.path.dirname(jobs[0].paths.stdout)} ...", flush=True)
+    print(f"submitted {len(jobs)} tasks "
+          f"({', '.join(f'{j.job_id}: {n}' for j, n in zip(jobs, names))})\n  output dir "
+          f"{args.output_dir}\n  logs       {os.path.dirname(jobs[0].paths.stdout)} ...",
+          flush=True)
     collector = Collector(script_path, args.output_dir)
     if opts.local:  # no scheduler to run a dependent job: wait here
         for job in jobs:
