@@ -67,9 +67,17 @@ def test_cpu_defaults_to_float32_and_takes_what_is_asked(monkeypatch):
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No distributed variables during the test, and none left after it: the code under test sets
+    some in os.environ itself, which monkeypatch would not undo."""
+    saved = {name: os.environ.get(name) for name in DIST_VARIABLES}
     for name in DIST_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_sbatch_shell_without_srun_step_is_one_process(clean_env):
