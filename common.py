@@ -1667,6 +1667,12 @@ class TrainingRun:
         if self.knn_monitor is not None and is_main_process():
             print(self.knn_monitor.cost_line(self.knn_every, len(train_base)), flush=True)
 
+    def take_resumed_metrics(self):
+        """The running averages of the epoch a mid-epoch checkpoint was taken in, once: for the
+        logger of the first epoch after a resume (later epochs start from zero)."""
+        metrics, self.resumed_metrics = self.resumed_metrics, None
+        return metrics
+
     def autocast(self):
         """Mixed precision for a forward pass (a no-op when --amp is off)."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

@@ -270,7 +270,7 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
     iters = loader.sampler.iters_per_epoch
     labeler_rounds_at = {max(1, iters // 2), iters}  # mid-epoch and end
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter, run.resumed_metrics)
+                                 args.print_freq, start_iter, run.take_resumed_metrics())
     online_encoder = common.unwrap(online)[0]
     # unlabeled images seen, with a confident pseudo-label, confident and right, argmax right
     counts = torch.zeros(4, dtype=torch.long, device=run.device)

@@ -104,7 +104,7 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
     """One epoch of MSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
     iters = loader.sampler.iters_per_epoch
     logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter, run.resumed_metrics)
+                                 args.print_freq, start_iter, run.take_resumed_metrics())
     online_encoder = common.unwrap(online)[0]
     for it, (views, labels, indices) in logger.log_every(loader, start_iter):
         step = epoch * iters + it

@@ -1,6 +1,7 @@
 """Exact resume (CPU): a run stopped and resumed ends bit-identical to the uninterrupted run, whether it
 stops at an epoch boundary, mid-epoch, by --stop-after-iters or by a preemption signal, and whatever the
 number of data-loading workers (augmentations are seeded per sample)."""
+import json
 import signal
 import subprocess
 
@@ -43,6 +44,20 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_msf_run, stop_after, po
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert_same_final_state(tmp_path, tiny_msf_run[0])
+    assert_same_log(tmp_path, tiny_msf_run[0])
+
+
+def assert_same_log(output_dir, reference_dir):
+    """The resumed run's log.jsonl has the uninterrupted run's epoch averages: the interrupted epoch's
+    running sums travel in the mid-epoch checkpoint, and only into that epoch."""
+    def records(folder):
+        return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    got, want = records(output_dir), records(reference_dir)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want] == [1, 2]
+    for g, w in zip(got, want):
+        for key in ("loss", "purity", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (g["epoch"], key)
+        assert g["purity_at_k"] == pytest.approx(w["purity_at_k"], rel=1e-6)
 
 
 def test_loader_workers_do_not_change_the_run(tmp_path, tiny_msf_run):
