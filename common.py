@@ -6,6 +6,7 @@ distributed | data | checkpoints | a training run | schedules, seeding and loggi
 evaluation helpers; last, the built-in synthetic dataset.
 Every script imports this one file; copy it together with a script to fork a method.
 """
+import argparse
 import copy
 import datetime
 import functools
@@ -615,12 +616,63 @@ class RunFailed(UsageError):
 
 
 def run_main(main, parser):
-    """Parse the command line with `parser` (a parent parser, add_help=False) and run `main(args)`
-    through run_guarded."""
-    import argparse
+    """Parse the command line with `parser` (a parent parser, add_help=False) plus --deterministic,
+    pin the CPU kernels if asked (before any tensor is made) and run `main(args)` through
+    run_guarded."""
     full_parser = argparse.ArgumentParser(parents=[parser], description=parser.description,
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run_guarded(main, full_parser.parse_args())
+    args = parse_args_noting_given(add_determinism_arg(full_parser))
+    apply_determinism(args)
+    run_guarded(main, args)
+
+
+def parse_args_noting_given(parser, argv=None):
+    """parser.parse_args(argv), plus args._given: the set of flags the command line gave (dest
+    names), so that a default can adapt where an explicit value must not (see fit_to_dataset).
+    plain_args leaves it out of args.json and checkpoints."""
+    args = parser.parse_args(argv)
+    defaults = {action: action.default for action in parser._actions}
+    try:  # parse again with no defaults: only what the command line set is in the namespace
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    args._given = set(given) - set(parser._defaults)
+    return args
+
+
+# torch picks its CPU kernels by instruction set (AVX512 and AMX here, AVX2 on many machines), and
+# each rounds differently; hundreds of SGD steps turn that into points of accuracy. These pins make a
+# CPU run compute the same bits on every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015):
+# ATen's vectorised kernels and oneDNN's convolutions at AVX2, MKL's conditional numerical
+# reproducibility, and one thread (reductions split by thread count). A variable the user has set
+# is left as it is.
+DETERMINISTIC_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                         "MKL_CBWR": "COMPATIBLE,STRICT"}
+
+
+def add_determinism_arg(parser):
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                        help="pin torch's CPU kernels to AVX2 and use one thread, so that a CPU "
+                             "run gives the same bits on any x86-64 machine with AVX2 (about 1.3x "
+                             "slower); default: on when the run is on the CPU")
+    return parser
+
+
+def apply_determinism(args):
+    """--deterministic (None: on for a CPU run): set DETERMINISTIC_CPU_ENV and one thread. Call it
+    before the first tensor operation; torch reads these variables once."""
+    on = args.deterministic
+    if on is None:
+        device = getattr(args, "device", "auto") or "auto"
+        on = device == "cpu" or device == "auto" and not torch.cuda.is_available()
+    if not on:
+        return
+    for name, value in DETERMINISTIC_CPU_ENV.items():
+        os.environ.setdefault(name, value)
+    torch.set_num_threads(1)
 
 
 # Set once a training run has passed its set-up: before, every rank checks the same inputs and fails
@@ -1513,9 +1565,9 @@ def check_finite(loss, epoch, it):
 # Flags a run may change when it resumes: they change where and how fast it runs, not what it
 # computes.
 RESUMABLE_CHANGES = {"data", "output_dir", "resume", "workers", "print_freq", "device",
-                     "save_every",
-                     "checkpoint_minutes", "stop_after_iters", "download", "amp", "augment_on",
-                     "knn_every", "knn_train_images", "knn_val_images", "tensorboard"}
+                     "deterministic", "save_every", "checkpoint_minutes", "stop_after_iters",
+                     "download", "amp", "augment_on", "knn_every", "knn_train_images",
+                     "knn_val_images", "tensorboard"}
 
 
 def check_training_args(args, world_size, min_topk=1):
@@ -1551,18 +1603,31 @@ def check_training_args(args, world_size, min_topk=1):
         need(args.synthetic_images >= 1, f"--synthetic-images {args.synthetic_images} must be >= 1")
 
 
-def check_dataset_size(num_images, args):
-    """The dataset must fill one global batch; a bank larger than the dataset is allowed (a
-    warning)."""
+def check_dataset_size(num_images, args, world_size=1):
+    """The dataset must fill one global batch: the default --batch-size shrinks to fit a small
+    dataset (a note; the learning rate scales with it), an explicit one is an error. A bank larger
+    than the dataset is allowed (a warning; a note when it is the default). Returns the batch
+    size."""
+    given = getattr(args, "_given", None)
+    explicit = lambda name: given is None or name in given  # noqa: E731
+    if num_images < args.batch_size and not explicit("batch_size") and num_images >= world_size:
+        batch_size = num_images // world_size * world_size
+        if is_main_process():
+            print(f"note: the default --batch-size {args.batch_size} is larger than the "
+                  f"{num_images} training images; using --batch-size {batch_size} (the learning "
+                  f"rate scales with it)", flush=True)
+        args.batch_size = batch_size
     if num_images < args.batch_size:
         raise UsageError(f"the dataset has {num_images} images, fewer than --batch-size "
                          f"{args.batch_size}; lower --batch-size to at most {num_images} or use "
                          "more images")
     if args.mem_bank_size > num_images and is_main_process():
         copies = math.ceil(args.mem_bank_size / num_images)
-        print(f"warning: --mem-bank-size {args.mem_bank_size} is larger than the {num_images} "
-              f"training images: the bank will hold up to {copies} embeddings of each image (from "
-              f"different epochs); --mem-bank-size {num_images} or less keeps one", flush=True)
+        print(f"{'warning' if explicit('mem_bank_size') else 'note: the default'} --mem-bank-size "
+              f"{args.mem_bank_size} is larger than the {num_images} training images: the bank "
+              f"will hold up to {copies} embeddings of each image (from different epochs); "
+              f"--mem-bank-size {num_images} or less keeps one", flush=True)
+    return args.batch_size
 
 
 def default_workers(requested):
@@ -1658,6 +1723,13 @@ class TrainingRun:
         self.preemption = None
         self.knn_monitor, self.knn_every, self.tensorboard = None, 0, args.tensorboard
         self.tensorboard_logger = None
+
+    def fit_to_dataset(self, num_images, args):
+        """check_dataset_size on this run: a default --batch-size may shrink to a small dataset;
+        the per-process batch and the BatchNorm groups follow."""
+        self.args["batch_size"] = check_dataset_size(num_images, args, self.world_size)
+        self.local_batch_size = args.batch_size // self.world_size
+        ghost_batchnorm_layout(args.bn_batch_size, self.local_batch_size, self.world_size)
 
     def add_knn_monitor(self, args, train_base, num_classes):
         """The online k-NN monitor (--knn-every), built and checked before anything is written."""
@@ -1998,7 +2070,7 @@ class MetricLogger:
 def plain_args(args):
     """The user's arguments as a dict (plain types: it goes into checkpoints loaded with
     weights_only). The scripts keep run-time objects off `args`, so this is the command line."""
-    return dict(vars(args))
+    return {name: value for name, value in vars(args).items() if not name.startswith("_")}
 
 
 def append_json_log(output_dir, record):
@@ -2103,6 +2175,7 @@ def provenance_line(record):
 # 2 x 1.28M training images: 0.6 % of an ImageNet run's time when the GPU bounds it (a training
 # image costs ~4 forwards: online forward + backward, target forward), 2.3 % when decoding does.
 KNN_EVERY_DEFAULT = 2
+KNN_MONITOR_KS = (1, 20)
 
 
 def add_monitor_args(parser):
@@ -2139,7 +2212,8 @@ class KnnMonitor:
     ones."""
 
     def __init__(self, train_base, val_base, num_classes, image_size, train_images, val_images,
-                 batch_size, workers, device, amp_dtype=None, seed=0, ks=(1, 20), temperature=0.07):
+                 batch_size, workers, device, amp_dtype=None, seed=0, ks=KNN_MONITOR_KS,
+                 temperature=0.07):
         """amp_dtype: the training's autocast dtype (None: float32); batch_size: global."""
         transform = eval_transform(image_size)
         self.train_indices = seeded_subset_indices(len(train_base), train_images, seed)
@@ -2153,6 +2227,7 @@ class KnnMonitor:
         self.num_classes, self.ks, self.temperature = num_classes, tuple(ks), temperature
         self.batch_size, self.workers, self.device = batch_size, workers, device
         self.amp_dtype = amp_dtype
+        self.note = ""  # why the k values differ from the default, for cost_line
 
     def cost_line(self, every, train_images_per_epoch):
         """One start-up line: what the monitor does and its estimated share of the training time."""
@@ -2163,8 +2238,8 @@ class KnnMonitor:
         low = 100 * monitored / (monitored + 4 * trained)
         high = 100 * monitored / (monitored + trained)
         return (f"k-NN monitor every {every} epoch(s): {len(self.val_indices)} val images against "
-                f"{len(self.train_indices)} train images, k = {', '.join(map(str, self.ks))}; "
-                f"about {low:.1f}-{high:.1f} % of the training time")
+                f"{len(self.train_indices)} train images, k = {', '.join(map(str, self.ks))}"
+                f"{self.note}; about {low:.1f}-{high:.1f} % of the training time")
 
     @torch.no_grad()
     def features(self, backbone, dataset, header):
@@ -2190,7 +2265,9 @@ class KnnMonitor:
 
 def knn_monitor_from_args(args, train_base, num_classes, device, workers, amp_dtype):
     """The KnnMonitor of a training script's flags (--knn-every/--knn-train-images/--knn-val-images,
-    the data flags), or None with --knn-every 0. Checks the inputs, so call it before writing."""
+    the data flags), or None with --knn-every 0. By default (no --knn-every) it adapts to small
+    data: off without a val split, only the k values its train images allow; an explicit
+    --knn-every that cannot run is an error. Checks the inputs, so call it before writing."""
     every = KNN_EVERY_DEFAULT if args.knn_every is None else args.knn_every
     if every < 0 or args.knn_train_images < 1 or args.knn_val_images < 1:
         raise UsageError("--knn-every must be >= 0 and --knn-train-images, --knn-val-images >= 1")
@@ -2206,9 +2283,16 @@ def knn_monitor_from_args(args, train_base, num_classes, device, workers, amp_dt
             return None
         raise UsageError(f"{e} (the k-NN monitor reads the val split; --knn-every 0 turns it "
                          "off)") from None
-    return KnnMonitor(train_base, val_base, num_classes, args.image_size, args.knn_train_images,
-                      args.knn_val_images, args.batch_size, workers, device,
-                      amp_dtype=amp_dtype, seed=args.seed)
+    ks, train_images = KNN_MONITOR_KS, min(args.knn_train_images, len(train_base))
+    if args.knn_every is None and max(ks) > train_images:  # the default adapts to small data
+        ks = tuple(k for k in ks if k <= train_images)
+    monitor = KnnMonitor(train_base, val_base, num_classes, args.image_size,
+                         args.knn_train_images, args.knn_val_images, args.batch_size, workers,
+                         device, amp_dtype=amp_dtype, seed=args.seed, ks=ks)
+    if ks != KNN_MONITOR_KS:
+        monitor.note = (f" (not k = {', '.join(str(k) for k in KNN_MONITOR_KS if k not in ks)}: "
+                        f"more than its {train_images} train images)")
+    return monitor
 
 
 class TensorboardLogger:

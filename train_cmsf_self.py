@@ -631,7 +631,7 @@ def main(args):
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
     check_args(args, len(base))
-    common.check_dataset_size(len(base), args)
+    run.fit_to_dataset(len(base), args)
     other_modality = None
     if args.constraint == "embeddings":
         other_modality = tuple(x.to(run.device) for x in read_other_modality_embeddings(

@@ -366,7 +366,7 @@ def main(args):
     # ---- data: all images feed the loss; the loader yields true labels, used only where is_labeled
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
-    common.check_dataset_size(len(base), args)
+    run.fit_to_dataset(len(base), args)
     true_labels = common.dataset_targets(base)
     is_labeled = labeled_subset(args, base, num_classes, true_labels)
     cache_size = args.cache_size or min(128_000, 4 * int(is_labeled.sum()))

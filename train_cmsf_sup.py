@@ -339,7 +339,7 @@ def main(args):
     # purity
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
-    common.check_dataset_size(len(base), args)
+    run.fit_to_dataset(len(base), args)
     clean_labels, train_labels = training_labels(args, base, num_classes)
     views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
     dataset = common.IndexedDataset(base, views, labels=train_labels)

@@ -153,7 +153,7 @@ def main(args):
     # ---- data: two views of every image (target, query)
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
-    common.check_dataset_size(len(base), args)
+    run.fit_to_dataset(len(base), args)
     views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
     dataset = common.IndexedDataset(base, views)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)

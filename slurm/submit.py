@@ -154,6 +154,7 @@ class Trainer:
             print(f"{os.path.basename(self.script_path)} in job {job_env.job_id} "
                   f"({job_env.num_tasks} tasks on {job_env.num_nodes} node(s)), output dir "
                   f"{getattr(args, 'output_dir', None)}", flush=True)
+        common.apply_determinism(args)  # as run_main does, before the script makes a tensor
         return common.run_guarded(import_script(self.script_path).main, args)  # as a direct run
 
     def checkpoint(self):
@@ -247,7 +248,7 @@ def script_args_of(module, script_path, argv):
                                      parents=[module.get_args_parser()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(output_dir=None)  # None = not given: the job folder
-    return parser.parse_args(argv)
+    return common.parse_args_noting_given(common.add_determinism_arg(parser), argv)
 
 
 def submit_command(argv):

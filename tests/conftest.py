@@ -102,3 +102,15 @@ def assert_usage_error(result, *fragments):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment.lower() in error_lines[0].lower(), (fragment, error_lines[0])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test fails: a missing install step or a cluster that did not start
+    must not pass unnoticed (.ci/run sets CI=true)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"

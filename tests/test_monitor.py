@@ -115,6 +115,32 @@ def test_monitor_flags_and_bad_input(tmp_path):
     assert common.knn_monitor_from_args(off, None, 3, "cpu", 0, None) is None
 
 
+def test_default_monitor_keeps_the_k_values_its_train_images_allow():
+    import argparse
+    train_base, num_classes = common.build_dataset("synthetic", None, "train", image_size=16,
+                                                   synthetic_images=64)
+    flags = dict(vars(common.add_monitor_args(argparse.ArgumentParser()).parse_args([])),
+                 dataset="synthetic", data=None, download=False, image_size=16,
+                 synthetic_images=64, batch_size=8, seed=0)
+    for train_images, ks in ((12, (1,)), (19, (1,)), (20, (1, 20)), (64, (1, 20))):
+        args = argparse.Namespace(**dict(flags, knn_train_images=train_images))
+        monitor = common.knn_monitor_from_args(args, train_base, num_classes, torch.device("cpu"),
+                                               0, None)
+        assert monitor.ks == ks and len(monitor.train_indices) == train_images
+        line = monitor.cost_line(2, len(train_base))
+        assert (f"k = 1 (not k = 20: more than its {train_images} train images)" in line) == (
+            ks == (1,)), line
+    accuracy, _ = common.knn_monitor_from_args(
+        argparse.Namespace(**dict(flags, knn_train_images=12)), train_base, num_classes,
+        torch.device("cpu"), 0, None)(common.build_backbone("resnet10", 16)[0])
+    assert set(accuracy) == {"knn_top1"} and 0 <= accuracy["knn_top1"] <= 100
+    # asked for explicitly, a monitor that cannot run is an error
+    with pytest.raises(common.UsageError, match="fewer than k = 20; raise --knn-train-images"):
+        common.knn_monitor_from_args(argparse.Namespace(**dict(flags, knn_train_images=12,
+                                                               knn_every=2)),
+                                     train_base, num_classes, torch.device("cpu"), 0, None)
+
+
 def test_monitor_cost_estimate_at_imagenet_scale():
     """The default (every 2 epochs, 50,000 + 10,000 images) against 1,281,167 training images per
     epoch: 60,000 forward passes per 2 x 4 x 1.28M forward-equivalents (GPU bound) or 60,000 image
@@ -208,7 +234,6 @@ def scalars(log_dir, tag):
 
 
 def test_tensorboard_scalars_per_epoch_and_a_resume_without_doubled_points(tmp_path):
-    pytest.importorskip("tensorboard")
     logger = common.TensorboardLogger(str(tmp_path))
     for epoch in (1, 2, 3):  # epoch 3 was logged, but the run died before its checkpoint
         logger.log({"epoch": epoch, "loss": 1.0 * epoch, "purity_at_k": {"5": 0.1 * epoch},
