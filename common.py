@@ -656,15 +656,15 @@ DETERMINISTIC_CPU_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "A
 def add_determinism_arg(parser):
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                         help="pin torch's CPU kernels to AVX2 and use one thread, so that a CPU "
-                             "run gives the same bits on any x86-64 machine with AVX2 (about 1.3x "
-                             "slower); default: on when the run is on the CPU")
+                             "run gives the same bits on any x86-64 machine with AVX2; default: "
+                             "on when the run is on the CPU")
     return parser
 
 
 def apply_determinism(args):
     """--deterministic (None: on for a CPU run): set DETERMINISTIC_CPU_ENV and one thread. Call it
     before the first tensor operation; torch reads these variables once."""
-    on = args.deterministic
+    on = getattr(args, "deterministic", None)  # absent in jobs pickled by an older submit.py
     if on is None:
         device = getattr(args, "device", "auto") or "auto"
         on = device == "cpu" or device == "auto" and not torch.cuda.is_available()
@@ -2151,6 +2151,11 @@ def provenance():
     if torch.cuda.is_available():
         versions["gpu"] = torch.cuda.get_device_name()
     record["versions"] = versions
+    # the CPU kernels and threads decide the bits of a CPU run (see DETERMINISTIC_CPU_ENV)
+    record["cpu"] = {"kernels": torch.backends.cpu.get_cpu_capability(),
+                     "threads": torch.get_num_threads(),
+                     **{name: os.environ[name] for name in DETERMINISTIC_CPU_ENV
+                        if name in os.environ}}
     return record
 
 
@@ -2168,6 +2173,9 @@ def provenance_line(record):
         parts.append(f"SLURM job {slurm['job_id']}{task}")
     parts.append(f"{record['world_size']} process(es)")
     parts.append(" ".join(f"{name} {value}" for name, value in record["versions"].items()))
+    if "cpu" in record:  # absent in args.json files of older runs
+        parts.append(f"CPU kernels {record['cpu']['kernels']}, {record['cpu']['threads']} "
+                     "thread(s)")
     return "run: " + ", ".join(parts)
 
 

@@ -205,6 +205,8 @@ def main(args):
                "feature_dtype": args.feature_dtype, "temperature": args.temperature,
                "tie_break": "class of the nearest neighbour among tied classes",
                "accuracy": {str(k): v for k, v in accuracy.items()},
+               "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads(),
                "peak_memory_mib": round(peak_memory_mib(device), 1),
                "seconds": round(time.time() - start, 1)}
     os.makedirs(args.output_dir, exist_ok=True)

@@ -7,9 +7,13 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-import torch
+# The tests that run a script's main() in this process compare it with script runs, which pin the
+# CPU kernels (common.DETERMINISTIC_CPU_ENV, checked below); torch reads these before its first use.
+os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_CBWR="COMPATIBLE,STRICT")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +21,11 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 torch.set_num_threads(1)
+
+import forkserver  # noqa: E402
+import common  # noqa: E402
+
+assert all(os.environ[k] == v for k, v in common.DETERMINISTIC_CPU_ENV.items())
 
 # Base colour of each class of the tiny ImageFolder: noise on top keeps images distinct.
 TINY_CLASS_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230]], dtype=np.float64)
@@ -53,7 +62,8 @@ def free_port():
 def script_env(env=None):
     """Environment for a script subprocess: one thread, no inherited torchrun variables."""
     full = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")}
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                         "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}  # as a user's shell
     full.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                 PYTHONPATH=REPO_ROOT + os.pathsep + full.get("PYTHONPATH", ""))
     full.update(env or {})
@@ -71,9 +81,14 @@ def script_command(script, *args, nproc=1):
 
 def run_script(script, *args, nproc=1, env=None, timeout=300, cwd=None):
     """Run a repo script (path relative to the repo root, or absolute) with `args`; returns the
-    subprocess.CompletedProcess with text stdout/stderr (never raises on a non-zero exit)."""
-    return subprocess.run(script_command(script, *args, nproc=nproc), capture_output=True, text=True,
-                          env=script_env(env), timeout=timeout, cwd=cwd or REPO_ROOT)
+    subprocess.CompletedProcess with text stdout/stderr (never raises on a non-zero exit). One
+    process with the default environment goes through the fork server (forkserver.py: the same
+    run without re-importing torch); other runs start a real interpreter."""
+    command = script_command(script, *args, nproc=nproc)
+    if nproc == 1 and env is None and os.environ.get("MSF_TESTS_FORKSERVER") != "0":
+        return forkserver.run(command, script_env(), cwd or REPO_ROOT, timeout)
+    return subprocess.run(command, capture_output=True, text=True, env=script_env(env),
+                          timeout=timeout, cwd=cwd or REPO_ROOT)
 
 
 def tiny_msf_args(output_dir, *extra, epochs=2):

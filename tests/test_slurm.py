@@ -25,6 +25,10 @@ from transfer_fixtures import make_transfer_fixtures  # noqa: E402
 sys.path.insert(0, os.path.join(REPO_ROOT, "slurm"))
 import submit  # noqa: E402
 
+# pytest-xdist: all SLURM tests in one worker, so their jobs queue one after another on the
+# one-node cluster instead of competing for its CPUs with each other
+pytestmark = pytest.mark.xdist_group("slurm")
+
 START_HINT = "start one with: sudo bash slurm/start_local_cluster.sh"
 # 192 synthetic images, global batch 16: 12 iterations per epoch, so the preemption check (every 10
 # iterations) saves mid-epoch.
