@@ -95,28 +95,22 @@ class MemoryBank(nn.Module):
 
 def knn_search(queries, keys, k, chunk_size=None, query_labels=None, key_labels=None,
                search_dtype=None):
-    """Top-k keys by largest dot product for each query (smallest 2 - 2 q.k for unit vectors).
+    """Top-k keys by largest dot product for each query (smallest 2 - 2 q.k for unit vectors): the
+    exact search, chunked.
 
     The keys are scanned in chunks so the score matrix never exceeds B x chunk_size (default: B x
     chunk <= 2^22 elements on CPU, where bigger blocks are mmapped and page-faulted afresh each
     chunk; 2^26 on GPU, to amortise kernel launches). With labels, query i may only pick keys whose
     label equals query_labels[i] (a query label < 0 means unconstrained). Returns (sims, idx,
     valid), each (B, k) float32 / long / bool, sorted by similarity; slots without an allowed key
-    have sims = -inf, idx = 0 and valid = False. `search_dtype` None or float32: the exact float32
-    top-k (where bf16 matmuls are fast, through a bf16 prefilter whose result is certified, see
-    _exact_search_bf16_prefilter); bfloat16 / float16: the scores themselves in that precision
-    (approximate, near-ties may swap)."""
+    have sims = -inf, idx = 0 and valid = False. `search_dtype` None or float32: float32 scores;
+    bfloat16 / float16: the scores themselves in that precision (approximate, near-ties may
+    swap)."""
     budget = 1 << 26 if queries.is_cuda else 1 << 22
     chunk_size = chunk_size or max(1024, budget // max(1, queries.shape[0]))
-    if (search_dtype in (None, torch.float32) and queries.shape[0] > 0
-            and keys.shape[0] > max(4 * k, 48)
-            and _bf16_matmul_is_fast(queries.device.type)):
-        sims, idx = _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels,
-                                                 key_labels)
-    else:
-        sims, idx = _chunked_topk(queries, keys, k, chunk_size, query_labels, key_labels,
-                                  search_dtype or torch.float32)
-        sims = sims.float()
+    sims, idx = _chunked_topk(queries, keys, k, chunk_size, query_labels, key_labels,
+                              search_dtype or torch.float32)
+    sims = sims.float()
     valid = torch.isfinite(sims)
     return sims, idx.masked_fill_(~valid, 0), valid
 
@@ -195,24 +189,33 @@ def purity_at_ks(target, bank_embeddings, bank_labels, labels, ks=PURITY_KS, sea
 
 
 @torch.no_grad()
-def rank_histogram(target, bank_embeddings, slots, valid=None, bins=RANK_BINS, chunk_size=65536):
+def neighbour_ranks(target, bank_embeddings, slots, chunk_size=65536):
     """Where the (constrained) neighbours `slots` (B, k) of t lie in the plain ordering of the whole
     bank by similarity to t: rank = 1 + the number of bank entries strictly more similar (1 = the
-    nearest). Returns {"1": count, "2-5": count, ..., ">1000": count} over the valid entries.
-    One B x M pass; the neighbours' own scores come from the same matmul, so ties cannot push a
-    neighbour below itself."""
+    nearest), (B, k). One B x M pass; the neighbours' own scores come from the same matmul, so ties
+    cannot push a neighbour below itself."""
     chunks = bank_embeddings.split(chunk_size)
     sims = torch.cat([target.float() @ chunk.float().T for chunk in chunks], dim=1)  # (B, M)
     neighbour_sims = sims.gather(1, slots)  # (B, k)
-    ranks = 1 + torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1)
-                             for j in range(slots.shape[1])], dim=1)
-    ranks = ranks[valid] if valid is not None else ranks.reshape(-1)
+    return 1 + torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1)
+                            for j in range(slots.shape[1])], dim=1)
+
+
+def _histogram(ranks, bins=RANK_BINS):
     histogram = {}
     for low, high in bins:
         name = f">{low - 1}" if high is None else (str(low) if low == high else f"{low}-{high}")
         inside = (ranks >= low) if high is None else (ranks >= low) & (ranks <= high)
         histogram[name] = int(inside.sum())
     return histogram
+
+
+@torch.no_grad()
+def rank_histogram(target, bank_embeddings, slots, valid=None, bins=RANK_BINS, chunk_size=65536):
+    """{"1": count, "2-5": count, ..., ">1000": count} of the neighbour_ranks of the valid
+    entries of `slots`."""
+    ranks = neighbour_ranks(target, bank_embeddings, slots, chunk_size)
+    return _histogram(ranks[valid] if valid is not None else ranks.reshape(-1), bins)
 
 
 @torch.no_grad()
@@ -225,7 +228,8 @@ def neighbour_diagnostics(target, labels, bank_embeddings, bank_true_labels, con
     - purity_at_k/K: purity of the plain K nearest neighbours, K in 1, 5, 10, 20, 50;
     - purity_constrained_at_k/K and rank_histogram/BIN (fraction of the constrained neighbours whose
       rank in the plain ordering falls in BIN), for the constrained ordering `constrained` (B, k)
-      or, with query_labels/key_labels, for a label-constrained top-50 search;
+      or, with query_labels/key_labels, for a label-constrained top-50 search; constrained_rank:
+      their mean number of more similar bank entries (0 = the nearest);
     - constraint_set_size: mean number of bank entries a sample may pick from (the valid C)."""
     t, y = target[:rows], labels[:rows]
     out = {f"purity_at_k/{k}": p
@@ -241,99 +245,14 @@ def neighbour_diagnostics(target, labels, bank_embeddings, bank_true_labels, con
         slots, valid = constrained[:rows], constrained_valid[:rows]
         out.update({f"purity_constrained_at_k/{k}": p for k, p in ordered_purity_at_ks(
             bank_true_labels[slots], y, valid=valid).items()})
-        histogram = rank_histogram(t, bank_embeddings, slots, valid)
+        ranks = neighbour_ranks(t, bank_embeddings, slots)[valid]
+        histogram = _histogram(ranks)
         total = max(1, sum(histogram.values()))
         out.update({f"rank_histogram/{name}": count / total for name, count in histogram.items()})
+        out["constrained_rank"] = float((ranks - 1).float().mean()) if ranks.numel() else 0.0
     if constraint_size is not None:
         out["constraint_set_size"] = float(constraint_size[:rows].float().mean())
     return out
-
-
-# --------------------------------------------------------- exact search, fast path: bf16 prefilter
-
-@functools.lru_cache(maxsize=None)
-def _bf16_matmul_is_fast(device_type):
-    """Whether a bfloat16 matmul runs several times faster than a float32 one: tensor cores (CUDA,
-    Ampere and later) or AVX512-BF16 through oneDNN (CPU). Elsewhere bf16 is emulated and slower."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device_type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
-    return False
-
-
-def _host_waits_for(device_type):
-    """Whether reading a tensor's value on the host makes the CPU wait for queued device work
-    (GPUs). On the CPU nothing is queued, so code may branch on values there at no cost."""
-    return device_type != "cpu"
-
-
-# Rows of a batch that the bf16 prefilter searches again in float32 on a GPU, whatever the data: a
-# fixed share keeps the work (and the absence of host synchronisation) independent of the data. It
-# covers the largest share of uncertain rows measured (18 %, on a near-collapsed bank).
-PREFILTER_RESCAN_FRACTION = 0.25
-
-
-def _exact_scores(queries, keys, idx):
-    """float32 q_i . keys[idx[i, j]] as an elementwise product and sum (no matmul, so no TF32), in
-    row blocks of at most 2^20 gathered elements (4 MiB)."""
-    q = queries.float()
-    rows = max(1, (1 << 20) // max(1, idx.shape[1] * keys.shape[1]))
-    return torch.cat([(keys[idx[s:s + rows]].float() * q[s:s + rows].unsqueeze(1)).sum(dim=2)
-                      for s in range(0, q.shape[0], rows)])
-
-
-def _exact_search_bf16_prefilter(queries, keys, k, chunk_size, query_labels, key_labels):
-    """The float32 top-k at bfloat16 matmul speed. bf16 scores pick max(4k, 48) candidates per
-    query, which are rescored in float32. A bf16 score is within err = (4u + d 2^-23) |q| max|key|
-    of the float32 one (u = 2^-8: inputs and output rounded to bf16; float32 accumulation), and
-    every key left out has a bf16 score <= the last candidate's, so a true score <= last + err: when
-    that is below the k-th float32 score, the top k are certainly among the candidates. Uncertain
-    rows (measured: none of 256 rows on random 512-d unit vectors, k = 5, M = 131072, nor of 4096 on
-    a trained synthetic run's bank; 5-18 % of rows on a near-collapsed bank) are searched again in
-    float32: on the CPU exactly those rows. On a GPU, their number must not steer the work (reading
-    it would make the CPU wait for the GPU): a fixed share of the batch (PREFILTER_RESCAN_FRACTION),
-    the least certain rows first, is searched again and replaces the uncertain ones. If more rows
-    than that are uncertain, the surplus (the most nearly certified) keeps the float32 top-k of its
-    candidates, which can differ from the exact one only by keys scoring within err of the k-th."""
-    dim = keys.shape[1]
-    if queries.is_cuda:  # the bound assumes float32 accumulation inside the bf16 matmul
-        reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    # the bf16 copy of a key chunk is chunk x d: at most 32 MiB of it at a time (eval: d = 2048)
-    bf16_chunk_size = min(chunk_size, max(1024, (1 << 24) // dim))
-    try:
-        candidate_sims, candidates = _chunked_topk(queries, keys, max(4 * k, 48), bf16_chunk_size,
-                                                   query_labels, key_labels, torch.bfloat16)
-    finally:
-        if queries.is_cuda:
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
-    sims = _exact_scores(queries, keys, candidates)
-    sims = sims.masked_fill_(torch.isneginf(candidate_sims), -math.inf)
-    sims, order = sims.topk(k, dim=1)
-    idx = candidates.gather(1, order)
-    key_norm = torch.stack([torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float32).max()
-                            for chunk in keys.split(chunk_size)]).max()
-    query_norm = torch.linalg.vector_norm(queries.float(), dim=1)
-    err = (4 * 2.0 ** -8 + dim * 2.0 ** -23) * query_norm * key_norm
-    last = candidate_sims[:, -1].float()
-    excess = last + err - sims[:, -1]  # >= 0: a left-out key might beat the k-th
-    unsure = torch.isfinite(last) & (excess >= 0)
-    if _host_waits_for(queries.device.type):
-        rescan_rows = min(queries.shape[0], math.ceil(PREFILTER_RESCAN_FRACTION * queries.shape[0]))
-        least_sure_first = excess.masked_fill(~unsure, -math.inf)
-        rescan = least_sure_first.topk(rescan_rows).indices
-    else:
-        rescan = unsure.nonzero().squeeze(1)
-    if rescan.shape[0] == 0:
-        return sims, idx
-    rescan_labels = None if query_labels is None else query_labels[rescan]
-    rescan_sims, rescan_idx = _chunked_topk(queries[rescan], keys, k, chunk_size, rescan_labels,
-                                            key_labels, torch.float32)
-    replace = unsure[rescan].unsqueeze(1)
-    sims[rescan] = torch.where(replace, rescan_sims, sims[rescan])
-    idx[rescan] = torch.where(replace, rescan_idx, idx[rescan])
-    return sims, idx
 
 
 # ---------------------------------------------------------------- networks and EMA
@@ -459,7 +378,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         running_var  <- (1 - m) running_var  + m mean_g(unbiased var_g)
     (m = momentum; momentum None: the cumulative average, as nn.BatchNorm). Evaluation mode uses the
     running statistics. Parameters and buffers have nn.BatchNorm's names and shapes, so state dicts,
-    checkpoints and torchvision exports are unchanged; revert_batchnorm gives plain modules back."""
+    checkpoints and torchvision exports are unchanged."""
 
     def __init__(self, batchnorm, samples_per_rank, group_ranks=None):
         super().__init__(batchnorm.num_features, batchnorm.eps, batchnorm.momentum,
@@ -581,18 +500,6 @@ def convert_batchnorm(module, bn_batch_size, local_batch_size, world_size=None):
     return _replace_batchnorm(module, lambda bn: GhostBatchNorm(bn, samples_per_rank, group_ranks))
 
 
-def revert_batchnorm(module):
-    """Inverse of convert_batchnorm (in place; returns it): plain nn.BatchNorm1d/2d modules sharing
-    the same parameters and buffers, e.g. before exporting a backbone to other code."""
-    def plain(ghost):
-        bn = ghost.plain_class(ghost.num_features, ghost.eps, ghost.momentum, ghost.affine,
-                               ghost.track_running_stats, device="meta")
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            setattr(bn, name, getattr(ghost, name))
-        return bn.train(ghost.training)
-    return _replace_batchnorm(module, plain, (GhostBatchNorm,))
-
-
 def _replace_batchnorm(module, replace, kinds=(nn.BatchNorm1d, nn.BatchNorm2d)):
     """`module` with every submodule of exactly these types (not subclasses such as SyncBatchNorm)
     replaced by replace(submodule)."""
@@ -628,7 +535,7 @@ def run_main(main, parser):
 
 def parse_args_noting_given(parser, argv=None):
     """parser.parse_args(argv), plus args._given: the set of flags the command line gave (dest
-    names), so that a default can adapt where an explicit value must not (see fit_to_dataset).
+    names), so that a default can adapt where an explicit value must not (check_dataset_size).
     plain_args leaves it out of args.json and checkpoints."""
     args = parser.parse_args(argv)
     defaults = {action: action.default for action in parser._actions}
@@ -644,8 +551,8 @@ def parse_args_noting_given(parser, argv=None):
 
 
 # torch picks its CPU kernels by instruction set (AVX512 and AMX here, AVX2 on many machines), and
-# each rounds differently; hundreds of SGD steps turn that into points of accuracy. These pins make a
-# CPU run compute the same bits on every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015):
+# each rounds differently; hundreds of SGD steps turn that into points of accuracy. These pins make
+# a CPU run compute the same bits on every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015):
 # ATen's vectorised kernels and oneDNN's convolutions at AVX2, MKL's conditional numerical
 # reproducibility, and one thread (reductions split by thread count). A variable the user has set
 # is left as it is.
@@ -1076,7 +983,6 @@ def _normalize():
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
 JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op ids
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
@@ -1560,14 +1466,18 @@ def check_finite(loss, epoch, it):
                         f"bf16 / --amp none")
 
 
-# ------------------------------------------------------ a training run: set-up, resume, epoch tail
+# --------------------------------------------- training state: set-up, checkpoints, stopping
+# A script names what a checkpoint holds (a dict of objects with state_dict/load_state_dict) and
+# calls, in this order: start_training -> build data, models -> restart_from_checkpoint -> per
+# epoch: train (TrainingStopper), run_knn_monitor, save_training_state, write_epoch_outputs ->
+# finish_training.
 
-# Flags a run may change when it resumes: they change where and how fast it runs, not what it
-# computes.
-RESUMABLE_CHANGES = {"data", "output_dir", "resume", "workers", "print_freq", "device",
-                     "deterministic", "save_every", "checkpoint_minutes", "stop_after_iters",
-                     "download", "amp", "augment_on", "knn_every", "knn_train_images",
-                     "knn_val_images", "tensorboard"}
+# Flags that change where and how fast a run goes, not what it computes: a resumed run may change
+# them. Each script declares its own set (RESUMABLE), starting from this one.
+RUNTIME_FLAGS = frozenset({
+    "data", "output_dir", "resume", "workers", "print_freq", "device", "deterministic",
+    "save_every", "checkpoint_minutes", "stop_after_iters", "download", "amp", "augment_on",
+    "knn_every", "knn_train_images", "knn_val_images", "tensorboard"})
 
 
 def check_training_args(args, world_size, min_topk=1):
@@ -1606,8 +1516,8 @@ def check_training_args(args, world_size, min_topk=1):
 def check_dataset_size(num_images, args, world_size=1):
     """The dataset must fill one global batch: the default --batch-size shrinks to fit a small
     dataset (a note; the learning rate scales with it), an explicit one is an error. A bank larger
-    than the dataset is allowed (a warning; a note when it is the default). Returns the batch
-    size."""
+    than the dataset is allowed (a warning; a note when it is the default). Checks the BatchNorm
+    groups of the batch it settles on; returns the per-process batch size."""
     given = getattr(args, "_given", None)
     explicit = lambda name: given is None or name in given  # noqa: E731
     if num_images < args.batch_size and not explicit("batch_size") and num_images >= world_size:
@@ -1627,7 +1537,9 @@ def check_dataset_size(num_images, args, world_size=1):
               f"{args.mem_bank_size} is larger than the {num_images} training images: the bank "
               f"will hold up to {copies} embeddings of each image (from different epochs); "
               f"--mem-bank-size {num_images} or less keeps one", flush=True)
-    return args.batch_size
+    local_batch_size = args.batch_size // world_size
+    ghost_batchnorm_layout(args.bn_batch_size, local_batch_size, world_size)
+    return local_batch_size
 
 
 def default_workers(requested):
@@ -1675,301 +1587,276 @@ def set_lr(optimizer, lr):
         group["lr"] = float(lr)  # a numpy float would make the checkpoint unloadable (weights_only)
 
 
+def start_training(args, min_topk=1):
+    """What every training script does first, before anything is read or written: join the
+    process group, check the flags, seed, let cuDNN pick its fastest kernels on a GPU (fixed input
+    sizes) and print the provenance line. Returns the device."""
+    device = init_distributed(args.device)
+    check_training_args(args, get_world_size(), min_topk)
+    ghost_batchnorm_layout(args.bn_batch_size, args.batch_size // get_world_size(),
+                           get_world_size())
+    fix_random_seeds(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if is_main_process():
+        print(provenance_line(provenance()), flush=True)
+    return device
+
+
+def autocast(device, dtype):
+    """Mixed precision for a forward pass in `dtype` (None: off)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def ddp(module):
+    """DistributedDataParallel when there are several processes, else the module itself."""
+    return nn.parallel.DistributedDataParallel(module) if get_world_size() > 1 else module
+
+
+class MustMatch:
+    """A tensor derived from the flags (e.g. the noisy labels) in a checkpoint's state: resume
+    checks that the flags give it again, bit for bit."""
+
+    def __init__(self, tensor, flags):
+        self.tensor, self.flags = tensor, flags
+
+    def state_dict(self):
+        return self.tensor.cpu()
+
+    def load_state_dict(self, saved):
+        if not torch.equal(saved, self.tensor.cpu()):
+            raise ValueError(f"another tensor than {self.flags} give now")
+
+
 def _describe(value):
     return "not set" if value is None else str(value)
 
 
-class TrainingRun:
-    """What a training script knows besides its method: the device and precision, the output folder,
-    the state to checkpoint, and when to save or stop. One per process; passed around explicitly.
+def checkpoint_path(output_dir, previous=False):
+    return os.path.join(output_dir, "checkpoint_previous.pth" if previous else "checkpoint.pth")
 
-    Usage (the order matters: nothing is written before every input is checked):
-      run = TrainingRun(args, SCRIPT)               # distributed init, device, precision, checks
-      ... build data and models ...
-      run.track(online=..., target=..., optimizer=..., memory_bank=...) # what a checkpoint holds
-      start_epoch, start_iter = run.resume(args.resume)
-      for epoch ...: train; run.end_epoch(epoch, record, backbone)
-    """
 
-    def __init__(self, args, script, min_topk=1):
-        self.script, self.args = script, plain_args(args)
-        self.device = init_distributed(args.device)
-        self.world_size, self.rank = get_world_size(), get_rank()
-        check_training_args(args, self.world_size, min_topk)
-        fix_random_seeds(args.seed)
-        self.autocast_dtype = amp_dtype(args.amp, self.device)
-        self.channels_last = self.device.type == "cuda"
-        if self.device.type == "cuda":
-            # fixed input sizes: let cuDNN pick the fastest kernels
-            torch.backends.cudnn.benchmark = True
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.autocast_dtype == torch.float16)
-        self.workers = default_workers(args.workers)
-        self.augment_on_device = resolve_on_device(args.augment_on, self.device)
-        self.local_batch_size = args.batch_size // self.world_size
-        ghost_batchnorm_layout(args.bn_batch_size, self.local_batch_size, self.world_size)  # checks
-        self.provenance = provenance()
+def restart_from_checkpoint(args, script, resumable, to_restore, run_variables=(),
+                            announce=True):
+    """Restore every object of `to_restore` ({name: object with load_state_dict}) and the RNG
+    states from --resume, else from <output_dir>/checkpoint.pth, falling back to
+    checkpoint_previous.pth when the latest one is damaged. Refuses a checkpoint trained with other
+    values of flags outside `resumable`. Then proves the output folder writable (nothing was
+    written before). Returns the run variables: "epoch", "iteration" (where to continue; 0, 0
+    without a checkpoint), "metrics" (the running averages of a mid-epoch checkpoint),
+    "log_record" (the record of an epoch whose tail a kill may have cut off: write_epoch_outputs
+    it again), "path" (the checkpoint read, or None) and the saved values of `run_variables`
+    (save_training_state's `extra`). `announce`: print where the run resumed (or that it is
+    complete)."""
+    checkpoint, path = _load_for_resume(args, script)
+    resumed = {"epoch": 0, "iteration": 0, "metrics": None, "log_record": None, "path": path,
+               **{name: None for name in run_variables}}
+    if checkpoint is not None:
+        _check_flags_fit(checkpoint["args"], args, resumable, path)
+        for name, obj in to_restore.items():
+            try:
+                obj.load_state_dict(checkpoint[name])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                if isinstance(obj, MustMatch):
+                    raise UsageError(f"{path} was trained with another {name.replace('_', ' ')} "
+                                     f"than {obj.flags} give now; pass the original flags or use "
+                                     "another --output-dir") from None
+                detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
+                raise UsageError(f"{path} does not fit this run ({name}: {detail[:200]}); "
+                                 "resume with the flags it was trained with, or use another "
+                                 "--output-dir") from None
+        set_rng_states(checkpoint["rng"])
+        resumed.update(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"],
+                       metrics=checkpoint.get("metrics"),
+                       **{name: checkpoint.get(name) for name in run_variables})
+        if checkpoint["iteration"] == 0:
+            resumed["log_record"] = checkpoint.get("log_record")
+    prepare_output_dir(args.output_dir)
+    if checkpoint is not None and announce and is_main_process():
+        print(f"the run in {args.output_dir} is complete ({args.epochs} epochs); nothing to do"
+              if resumed["epoch"] >= args.epochs else
+              f"resumed from {path} at epoch {resumed['epoch'] + 1}, iteration "
+              f"{resumed['iteration']}", flush=True)
+    return resumed
+
+
+def _load_for_resume(args, script):
+    if args.resume:
+        return load_checkpoint(args.resume, script, for_resume=True), args.resume
+    latest, previous = checkpoint_path(args.output_dir), checkpoint_path(args.output_dir, True)
+    if not os.path.exists(latest) and not os.path.exists(previous):
+        return None, None
+    try:
+        return load_checkpoint(latest, script, for_resume=True), latest
+    except UsageError as e:
+        if not os.path.exists(previous):
+            raise
         if is_main_process():
-            print(provenance_line(self.provenance), flush=True)
-        self.epochs, self.arch, self.save_every = args.epochs, args.arch, args.save_every
-        self.stop_after_iters, self.checkpoint_seconds = (args.stop_after_iters,
-                                                          args.checkpoint_minutes * 60)
-        self.output_dir = args.output_dir
-        self.latest = os.path.join(self.output_dir, "checkpoint.pth")
-        self.previous = os.path.join(self.output_dir, "checkpoint_previous.pth")
-        self.tracked, self.constants = {"scaler": self.scaler}, {}
-        self.iterations_this_run, self.last_save = 0, time.time()
-        self.stop_reason, self.args_written = None, False
-        self.preemption = None
-        self.knn_monitor, self.knn_every, self.tensorboard = None, 0, args.tensorboard
-        self.tensorboard_logger = None
+            print(f"warning: {str(e).splitlines()[0]}\nwarning: resuming from {previous} instead "
+                  "(one checkpoint interval older)", flush=True)
+        return load_checkpoint(previous, script, for_resume=True), previous
 
-    def fit_to_dataset(self, num_images, args):
-        """check_dataset_size on this run: a default --batch-size may shrink to a small dataset;
-        the per-process batch and the BatchNorm groups follow."""
-        self.args["batch_size"] = check_dataset_size(num_images, args, self.world_size)
-        self.local_batch_size = args.batch_size // self.world_size
-        ghost_batchnorm_layout(args.bn_batch_size, self.local_batch_size, self.world_size)
 
-    def add_knn_monitor(self, args, train_base, num_classes):
-        """The online k-NN monitor (--knn-every), built and checked before anything is written."""
-        self.knn_every = KNN_EVERY_DEFAULT if args.knn_every is None else args.knn_every
-        self.knn_monitor = knn_monitor_from_args(args, train_base, num_classes, self.device,
-                                                 self.workers, self.autocast_dtype)
-        if self.knn_monitor is not None and is_main_process():
-            print(self.knn_monitor.cost_line(self.knn_every, len(train_base)), flush=True)
+def _check_flags_fit(saved, args, resumable, path):
+    now = plain_args(args)
+    if saved.get("epochs", args.epochs) != args.epochs and is_main_process():
+        print(f"note: {path} was trained with --epochs {saved['epochs']}; continuing with "
+              f"--epochs {args.epochs} (the cosine schedule follows the new length)", flush=True)
+    differ = [name for name, value in now.items() if name not in resumable
+              and name != "epochs" and name in saved and saved[name] != value]
+    if differ:
+        flags = ["--" + name.replace("_", "-") for name in differ]
+        was = ", ".join(f"{f} {_describe(saved[n])}" for f, n in zip(flags, differ))
+        asked = ", ".join(f"{f} {_describe(now[n])}" for f, n in zip(flags, differ))
+        raise UsageError(f"{path} was trained with {was} but this run asks for {asked}; pass "
+                         f"{was} to resume it, or use another --output-dir")
 
-    def take_resumed_metrics(self):
-        """The running averages of the epoch a mid-epoch checkpoint was taken in, once: for the
-        logger of the first epoch after a resume (later epochs start from zero)."""
-        metrics, self.resumed_metrics = self.resumed_metrics, None
-        return metrics
 
-    def autocast(self):
-        """Mixed precision for a forward pass (a no-op when --amp is off)."""
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+def prepare_output_dir(output_dir):
+    """Create the output folder and prove it is writable, before the first file is written; remove
+    the temporary files of writers killed mid-write."""
+    if not is_main_process():
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp_write_probe", dir=output_dir)
+        os.close(fd)
+        os.remove(probe)
+        for name in os.listdir(output_dir):
+            if name.startswith(".tmp_"):
+                os.remove(os.path.join(output_dir, name))
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {output_dir} ({e.strerror or e}); "
+                         "choose a folder you can write to") from None
 
-    def ddp(self, module):
-        return nn.parallel.DistributedDataParallel(module) if self.world_size > 1 else module
 
-    def track(self, **state):
-        """Objects with state_dict/load_state_dict that every checkpoint saves and resume restores.
-        `online` and `target` also go into the weights-only epoch files."""
-        self.tracked.update(state)
+def save_training_state(args, script, epoch, iteration, to_save, metrics=None, log_record=None,
+                        extra=None):
+    """checkpoint.pth: everything exact resume needs, at (epoch, iteration) = the position to
+    continue from: the state_dict of every object of `to_save`, the RNG states, and `extra` (plain
+    values, e.g. the best accuracy so far). Call it on all ranks (the RNG states are gathered);
+    rank 0 writes. The previous checkpoint is kept as checkpoint_previous.pth (a damaged latest
+    file costs one interval), and args.json (flags + provenance) is written beside it, so a run
+    that fails before its first checkpoint leaves nothing behind."""
+    state = {"script": script, "args": plain_args(args), "epoch": epoch, "iteration": iteration,
+             **{name: obj.state_dict() for name, obj in to_save.items()}, **(extra or {}),
+             "metrics": metrics, "log_record": log_record, "rng": rng_states()}
+    if is_main_process():
+        save_checkpoint(state, checkpoint_path(args.output_dir),
+                        keep_previous=checkpoint_path(args.output_dir, previous=True))
+        save_args(plain_args(args), args.output_dir, script, provenance())
 
-    def track_constant(self, name, tensor, flags):
-        """A tensor derived from the flags (e.g. the noisy labels) that a resumed run must
-        reproduce."""
-        self.constants[name] = (tensor, flags)
 
-    # ---- resume
-    def resume(self, resume_flag):
-        """Restore the tracked state from --resume, else from output_dir/checkpoint.pth, falling
-        back to checkpoint_previous.pth when the latest one is damaged or missing. Checks that the
-        checkpoint fits this command line, then checks the output folder can be written. Finishes
-        the epoch outputs of a checkpoint taken at an epoch end. Returns (start epoch, start
-        iteration)."""
-        checkpoint, path = self._load_for_resume(resume_flag)
-        start = (0, 0)
-        if checkpoint is not None:
-            self._check_fits(checkpoint, path)
-            for name, obj in self.tracked.items():
-                try:
-                    obj.load_state_dict(checkpoint[name])
-                except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                    detail = str(e).strip().splitlines()[-1].strip() if str(e).strip() else repr(e)
-                    raise UsageError(f"{path} does not fit this run ({name}: {detail[:200]}); "
-                                     "resume with the flags it was trained with, or use another "
-                                     "--output-dir") from None
-            set_rng_states(checkpoint["rng"])
-            start = (checkpoint["epoch"], checkpoint["iteration"])
-        self._prepare_output_dir()
-        if self.tensorboard:  # continues the same event folder after a requeue, without repeats
-            self.tensorboard_logger = TensorboardLogger(self.output_dir, start[0])
-        self.resumed_metrics = checkpoint.get("metrics") if checkpoint else None
-        self.already_complete = start[0] >= self.epochs
-        if checkpoint is not None:
-            if start[1] == 0 and checkpoint.get("log_record") is not None:
-                # repeat a cut-off tail
-                self._write_epoch_outputs(start[0], checkpoint["log_record"])
-            if is_main_process():
-                print(f"the run in {self.output_dir} is complete ({self.epochs} epochs); nothing "
-                      f"to do"
-                      if self.already_complete else
-                      f"resumed from {path} at epoch {start[0] + 1}, iteration {start[1]}",
-                      flush=True)
-        return start
+def write_epoch_outputs(args, script, epoch, record, online, target, backbone, tensorboard=None):
+    """What follows the checkpoint at the end of epoch `epoch` (1-based), on rank 0; a rerun after
+    a kill writes it again (each step is idempotent): every --save-every epochs the weights-only
+    checkpoint_EPOCH.pth, then backbone_torchvision.pth, the log line and TensorBoard."""
+    if not is_main_process():
+        return
+    if args.save_every and epoch % args.save_every == 0:
+        weights = {"script": script, "args": plain_args(args), "epoch": epoch,
+                   "online": online.state_dict(), "target": target.state_dict()}
+        save_checkpoint(weights, os.path.join(args.output_dir, f"checkpoint_{epoch:04d}.pth"))
+    save_checkpoint(torchvision_state_dict(backbone, args.arch),
+                    os.path.join(args.output_dir, "backbone_torchvision.pth"))
+    append_json_log(args.output_dir, record)
+    if tensorboard is not None:
+        tensorboard.log(record)
 
-    def _load_for_resume(self, resume_flag):
-        if resume_flag:
-            return load_checkpoint(resume_flag, self.script, for_resume=True), resume_flag
-        if not os.path.exists(self.latest) and not os.path.exists(self.previous):
-            return None, None
-        try:
-            return load_checkpoint(self.latest, self.script, for_resume=True), self.latest
-        except UsageError as e:
-            if not os.path.exists(self.previous):
-                raise
-            if is_main_process():
-                print(f"warning: {str(e).splitlines()[0]}\nwarning: resuming from {self.previous} "
-                      "instead (one checkpoint interval older)", flush=True)
-            return load_checkpoint(self.previous, self.script, for_resume=True), self.previous
 
-    def _check_fits(self, checkpoint, path):
-        saved = checkpoint["args"]
-        if saved.get("epochs", self.epochs) != self.epochs and is_main_process():
-            print(f"note: {path} was trained with --epochs {saved['epochs']}; continuing with "
-                  f"--epochs {self.epochs} (the cosine schedule follows the new length)",
-                  flush=True)
-        differ = [name for name, value in self.args.items() if name not in RESUMABLE_CHANGES
-                  and name != "epochs" and name in saved and saved[name] != value]
-        if differ:
-            flags = ["--" + name.replace("_", "-") for name in differ]
-            was = ", ".join(f"{f} {_describe(saved[n])}" for f, n in zip(flags, differ))
-            now = ", ".join(f"{f} {_describe(self.args[n])}" for f, n in zip(flags, differ))
-            raise UsageError(f"{path} was trained with {was} but this run asks for {now}; pass "
-                             f"{was} to resume it, or use another --output-dir")
-        for name, (tensor, flags) in self.constants.items():
-            if name not in checkpoint or not torch.equal(checkpoint[name], tensor.cpu()):
-                raise UsageError(f"{path} was trained with another {name.replace('_', ' ')} than "
-                                 f"{flags} give now; pass the original flags or use another "
-                                 f"--output-dir")
+def run_knn_monitor(monitor, epoch, backbone, record):
+    """The online k-NN monitor (knn_monitor_from_args; None: off) at the end of every
+    --knn-every-th epoch: adds its accuracies to the epoch's record and prints them. Call it before
+    the epoch's checkpoint (its RNG use is saved)."""
+    if monitor is None or (epoch + 1) % monitor.every:
+        return
+    knn, seconds = monitor(backbone)
+    record.update(knn, knn_seconds=round(seconds, 1))
+    if is_main_process():
+        values = ", ".join(f"{name} {value:.2f}" for name, value in knn.items())
+        share = 100 * seconds / max(record.get("epoch_seconds", 0), 1e-9)
+        print(f"epoch {epoch + 1}: k-NN monitor {values} ({seconds:.1f} s, {share:.1f} % of the "
+              "epoch)", flush=True)
 
-    def _prepare_output_dir(self):
-        """Create the output folder and prove it is writable, before the first file is written."""
-        if not is_main_process():
-            return
-        try:
-            os.makedirs(self.output_dir, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".tmp_write_probe", dir=self.output_dir)
-            os.close(fd)
-            os.remove(probe)
-            for name in os.listdir(self.output_dir):  # temp files of writers killed mid-write
-                if name.startswith(".tmp_"):
-                    os.remove(os.path.join(self.output_dir, name))
-        except OSError as e:
-            raise UsageError(f"cannot write to --output-dir {self.output_dir} ({e.strerror or e}); "
-                             "choose a folder you can write to") from None
 
-    # ---- saving
-    def state(self, epoch, iteration, **extra):
-        state = {"script": self.script, "args": self.args, "epoch": epoch, "iteration": iteration,
-                 **{name: obj.state_dict() for name, obj in self.tracked.items()},
-                 **{name: tensor.cpu() for name, (tensor, _) in self.constants.items()}, **extra}
-        state["rng"] = rng_states()  # gathered from all ranks
-        return state
+class TrainingStopper:
+    """When to save or stop inside the epoch loop: SLURM's warning signal (save, then requeue),
+    --checkpoint-minutes (a periodic save) and --stop-after-iters (a fixed time slot). Create it
+    just before the first epoch: it installs the signal handler before the first DataLoader
+    iterator exists (forked workers inherit it), and from then on an error may belong to one rank
+    (run_guarded lets each rank report its own)."""
 
-    def save(self, epoch, iteration, metrics=None, log_record=None):
-        """Full state for exact resume, at (epoch, iteration) = the position to continue from;
-        called on all ranks (RNG states are gathered), written by rank 0. The previous checkpoint is
-        kept as checkpoint_previous.pth, so a damaged latest file costs one checkpoint interval."""
-        state = self.state(epoch, iteration, metrics=metrics, log_record=log_record)
-        if is_main_process():
-            save_checkpoint(state, self.latest, keep_previous=self.previous)
-            if not self.args_written:  # written with the first checkpoint: a run that fails earlier
-                # writes nothing
-                save_args(self.args, self.output_dir, self.script, self.provenance)
-                self.args_written = True
-        self.last_save = time.time()
-
-    def end_epoch(self, epoch, record, backbone):
-        """The epoch tail, in an order a kill at any point can repeat: checkpoint.pth (holding the
-        log record) -> epoch weights files -> log line. A rerun resumes from the checkpoint and
-        writes the weights and the log line again (both idempotent)."""
-        if self.knn_monitor is not None and (epoch + 1) % self.knn_every == 0:
-            # before the save: its RNG use is checkpointed
-            knn, seconds = self.knn_monitor(backbone)
-            record.update(knn, knn_seconds=round(seconds, 1))
-            if is_main_process():
-                values = ", ".join(f"{name} {value:.2f}" for name, value in knn.items())
-                share = 100 * seconds / max(record.get("epoch_seconds", 0), 1e-9)
-                print(f"epoch {epoch + 1}: k-NN monitor {values} ({seconds:.1f} s, {share:.1f} % "
-                      "of the epoch)", flush=True)
-        self.save(epoch + 1, 0, log_record=record)
-        self.backbone = backbone
-        self._write_epoch_outputs(epoch + 1, record)
-
-    def _write_epoch_outputs(self, epoch, record):
-        if not is_main_process():
-            return
-        if self.save_every and epoch % self.save_every == 0:
-            weights = {"script": self.script, "args": self.args, "epoch": epoch,
-                       "online": self.tracked["online"].state_dict(),
-                       "target": self.tracked["target"].state_dict()}
-            save_checkpoint(weights, os.path.join(self.output_dir, f"checkpoint_{epoch:04d}.pth"))
-        backbone = getattr(self, "backbone", None) or self.tracked["online"][0].backbone
-        save_checkpoint(torchvision_state_dict(backbone, self.arch),
-                        os.path.join(self.output_dir, "backbone_torchvision.pth"))
-        append_json_log(self.output_dir, record)
-        if self.tensorboard_logger is not None:
-            self.tensorboard_logger.log(record)
-
-    # ---- when to save or stop
-    def start_epoch_loop(self):
-        """Install the SLURM preemption handler (before the first DataLoader iterator exists)."""
+    def __init__(self, args, script, device, to_save):
         global _RANKS_MAY_DIFFER
         _RANKS_MAY_DIFFER = True
+        self.args, self.script, self.device, self.to_save = args, script, device, to_save
+        self.iterations_this_run, self.last_save, self.budget_spent = 0, time.time(), False
         self.preemption = PreemptionHandler()
 
-    def poll(self, it, iters_per_epoch):
-        """Call once after every iteration: counts this run's iterations and, every 10 of them
-        (every one with --stop-after-iters), lets the ranks agree whether to save now. Returns None,
-        "save" (--checkpoint-minutes), "preempted" (SLURM's signal) or "budget" (--stop-after-iters
-        spent). The epoch's last iteration is left to the epoch tail."""
+    def _due(self, it, iters_per_epoch):
+        """None, "save" (--checkpoint-minutes), "preempted" (SLURM's signal) or "budget"
+        (--stop-after-iters spent). The ranks agree every 10 iterations (every one with
+        --stop-after-iters); the epoch's last iteration is left to the epoch tail."""
         self.iterations_this_run += 1
-        if ((it + 1) % 10 and not self.stop_after_iters) or it + 1 == iters_per_epoch:
+        budget = self.args.stop_after_iters
+        if ((it + 1) % 10 and not budget) or it + 1 == iters_per_epoch:
             return None
         stop, save_due = self.preemption.poll(
-            self.device, time.time() - self.last_save > self.checkpoint_seconds)
+            self.device, time.time() - self.last_save > self.args.checkpoint_minutes * 60)
         if stop:
             return "preempted"
-        if self.stop_after_iters and self.iterations_this_run >= self.stop_after_iters:
+        if budget and self.iterations_this_run >= budget:
             return "budget"
         return "save" if save_due else None
 
-    def save_mid_epoch(self, action, epoch, it, loss, logger):
-        """Act on poll()'s answer: check the loss, save, then leave for a signal (requeue/exit) or
-        return True when the --stop-after-iters budget is spent (the epoch loop should end)."""
+    def checkpoint_if_due(self, it, iters_per_epoch, epoch, loss, logger):
+        """Call after every iteration. When a save is due: check the loss, save checkpoint.pth at
+        the next iteration (with the epoch's running averages), then leave for SLURM's signal, or
+        return True when the --stop-after-iters budget is spent (the run ends)."""
+        action = self._due(it, iters_per_epoch)
+        if action is None:
+            return False
         check_finite(loss, epoch, it)
-        self.save(epoch, it + 1, metrics=logger.state_dict())
+        save_training_state(self.args, self.script, epoch, it + 1, self.to_save,
+                            metrics=logger.state_dict())
+        self.last_save = time.time()
         if action == "preempted":
-            self.preemption.exit(self.latest)
-        self.stop_reason = action if action == "budget" else None
-        return action == "budget"
+            self.preemption.exit(checkpoint_path(self.args.output_dir))
+        self.budget_spent = action == "budget"
+        return self.budget_spent
 
-    def should_stop_after_epoch(self, epoch):
-        """At an epoch end (after end_epoch): leave for a signal, or stop when the budget is
-        spent."""
+    def after_epoch(self, epoch):
+        """At an epoch end, after its checkpoint and outputs: leave for SLURM's signal, or return
+        True when the --stop-after-iters budget is spent."""
+        self.last_save = time.time()
         if self.preemption.poll(self.device)[0]:
-            self.preemption.exit(self.latest)
-        if self.stop_after_iters and self.iterations_this_run >= self.stop_after_iters \
-                and epoch + 1 < self.epochs:
-            self.stop_reason = "budget"
-        return self.stop_reason is not None
+            self.preemption.exit(checkpoint_path(self.args.output_dir))
+        if self.args.stop_after_iters and self.iterations_this_run >= self.args.stop_after_iters \
+                and epoch + 1 < self.args.epochs:
+            self.budget_spent = True
+        return self.budget_spent
 
-    def finish(self):
-        if self.tensorboard_logger is not None:
-            self.tensorboard_logger.close()
-        if not is_main_process() or self.already_complete:
-            return
-        if self.stop_reason == "budget":
-            print(f"stopped after {self.iterations_this_run} iterations as asked "
-                  "(--stop-after-iters); run the same command again to continue", flush=True)
-        else:
-            print(f"done: {self.epochs} epochs; weights in {self.latest} and "
-                  f"{os.path.join(self.output_dir, 'backbone_torchvision.pth')}", flush=True)
+
+def finish_training(args, stopper, tensorboard=None):
+    """The last line of a training run: where the weights are, or how to continue."""
+    if tensorboard is not None:
+        tensorboard.close()
+    if not is_main_process():
+        return
+    if stopper.budget_spent:
+        print(f"stopped after {stopper.iterations_this_run} iterations as asked "
+              "(--stop-after-iters); run the same command again to continue", flush=True)
+    else:
+        print(f"done: {args.epochs} epochs; weights in {checkpoint_path(args.output_dir)} and "
+              f"{os.path.join(args.output_dir, 'backbone_torchvision.pth')}", flush=True)
 
 
 # ---------------------------------------------------------------- schedules, seeding, logging
 
-def cosine_schedule(base_value, epochs, iters_per_epoch, final_value=0.0, per_epoch=True):
-    """Value for every iteration: cosine from base_value to final_value, stepped once per epoch (the
-    papers' setting) or per iteration."""
-    steps = np.arange(epochs * iters_per_epoch)
-    progress = ((steps // iters_per_epoch) / epochs if per_epoch
-                else steps / (epochs * iters_per_epoch))
-    return final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * progress))
+def cosine_schedule(base_value, epochs, iters_per_epoch):
+    """Value for every iteration: cosine from base_value to 0, stepped once per epoch (the papers'
+    setting)."""
+    epoch_of_step = np.arange(epochs * iters_per_epoch) // iters_per_epoch
+    return 0.5 * base_value * (1 + np.cos(np.pi * epoch_of_step / epochs))
 
 
 def fix_random_seeds(seed):
@@ -2008,7 +1895,7 @@ class MetricLogger:
 
     def state_dict(self):
         """The epoch sums so far, averaged over ranks, as plain floats (a checkpoint entry; all
-        ranks call it, as they all call TrainingRun.save)."""
+        ranks call it, as they all call save_training_state)."""
         return {"sums": {k: reduce_mean(float(v)) for k, v in self.sums.items()},
                 "counts": dict(self.counts)}
 
@@ -2275,7 +2162,8 @@ def knn_monitor_from_args(args, train_base, num_classes, device, workers, amp_dt
     """The KnnMonitor of a training script's flags (--knn-every/--knn-train-images/--knn-val-images,
     the data flags), or None with --knn-every 0. By default (no --knn-every) it adapts to small
     data: off without a val split, only the k values its train images allow; an explicit
-    --knn-every that cannot run is an error. Checks the inputs, so call it before writing."""
+    --knn-every that cannot run is an error. Checks the inputs, so call it before writing. Prints
+    its cost line."""
     every = KNN_EVERY_DEFAULT if args.knn_every is None else args.knn_every
     if every < 0 or args.knn_train_images < 1 or args.knn_val_images < 1:
         raise UsageError("--knn-every must be >= 0 and --knn-train-images, --knn-val-images >= 1")
@@ -2300,6 +2188,9 @@ def knn_monitor_from_args(args, train_base, num_classes, device, workers, amp_dt
     if ks != KNN_MONITOR_KS:
         monitor.note = (f" (not k = {', '.join(str(k) for k in KNN_MONITOR_KS if k not in ks)}: "
                         f"more than its {train_images} train images)")
+    monitor.every = every
+    if is_main_process():
+        print(monitor.cost_line(every, len(train_base)), flush=True)
     return monitor
 
 

@@ -57,6 +57,8 @@ from torchvision import transforms
 import common
 
 SCRIPT = "eval_linear.py"
+# The flags a resumed evaluation must keep (what its head is trained on); the others may change.
+KEPT = {"weights", "train_list", "cached_features", "image_size", "protocol", "arch"}
 
 
 def get_args_parser():
@@ -304,22 +306,15 @@ def main(args):
     head_ddp = nn.parallel.DistributedDataParallel(head) if world_size > 1 else head
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd)
-    os.makedirs(args.output_dir, exist_ok=True)
-    latest = os.path.join(args.output_dir, "checkpoint.pth")
-    resume_path = args.resume or (latest if os.path.exists(latest) else None)
-    start_epoch, start_iter, best = 0, 0, {"top1": 0.0, "epoch": 0}
+    to_save = {"head": head, "optimizer": optimizer}
+    if semi:  # the BatchNorm statistics adapted so far
+        to_save["backbone"] = backbone
+    resumed = common.restart_from_checkpoint(args, SCRIPT, set(common.plain_args(args)) - KEPT,
+                                             to_save, run_variables=["best"], announce=False)
+    resume_path = resumed["path"]
+    start_epoch, start_iter = resumed["epoch"], resumed["iteration"]
+    best = resumed["best"] or {"top1": 0.0, "epoch": 0}
     if resume_path:
-        ckpt = common.load_checkpoint(resume_path, SCRIPT, args.arch)
-        for name in ("weights", "train_list", "cached_features", "image_size", "protocol"):
-            if ckpt["args"].get(name) != getattr(args, name):
-                raise common.UsageError(f"{resume_path} was trained with "
-                                        f"--{name.replace('_', '-')} {ckpt['args'].get(name)}, not "
-                                        f"{getattr(args, name)}; use another --output-dir")
-        head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if semi:  # the BatchNorm statistics adapted so far
-            backbone.load_state_dict(ckpt["backbone"])
-        start_epoch, start_iter, best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
         log(f"resumed the head from {resume_path} at epoch {start_epoch + 1}, iteration "
             f"{start_iter}", flush=True)
     common.save_args(common.plain_args(args), args.output_dir, SCRIPT)
@@ -374,16 +369,10 @@ def main(args):
         f"process(es) on {device}, global batch {args.batch_size}, {iters} it/epoch", flush=True)
 
     def save(epoch, iteration):
-        state = {"script": SCRIPT, "args": common.plain_args(args), "epoch": epoch,
-                 "iteration": iteration,
-                 "head": head.state_dict(), "optimizer": optimizer.state_dict(), "best": best}
-        if semi:
-            state["backbone"] = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
         if iteration == iters:
-            state["epoch"], state["iteration"] = epoch + 1, 0
-        if rank == 0:
-            common.save_checkpoint(state, latest)
-        return latest
+            epoch, iteration = epoch + 1, 0
+        common.save_training_state(args, SCRIPT, epoch, iteration, to_save, extra={"best": best})
+        return common.checkpoint_path(args.output_dir)
 
     preemption = common.PreemptionHandler()
     for epoch in range(start_epoch, args.epochs):
@@ -411,7 +400,7 @@ def main(args):
         common.append_json_log(args.output_dir,
                                dict(record, epoch_seconds=round(time.time() - start, 1)))
         if preemption.poll(device)[0]:
-            preemption.exit(latest)
+            preemption.exit(common.checkpoint_path(args.output_dir))
 
     backbone.eval()
     check_backbone_unchanged(backbone, reference_state, weights_only=semi)

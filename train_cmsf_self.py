@@ -24,6 +24,7 @@ to the same neighbour sets. Multi-GPU: torchrun --nproc_per_node 8 train_cmsf_se
 (--batch-size is global).
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 import common
 
 SCRIPT = "train_cmsf_self.py"
+RESUMABLE = common.RUNTIME_FLAGS  # the flags a resumed run may change
 # below the (0.2, 1) of the two large crops, as SwAV/DINO separate them
 LOCAL_CROP_SCALE = (0.05, 0.2)
 
@@ -124,6 +126,31 @@ def get_args_parser():
     return p
 
 
+
+def check_args(args, num_images):
+    """The checks of this script's own flags (the shared ones are common.check_training_args)."""
+    if not 1 <= args.topk_prime <= args.mem_bank_size:
+        raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and "
+                                f"--mem-bank-size ({args.mem_bank_size})")
+    if args.constraint == "kmeans" and not 1 <= args.num_clusters <= num_images:
+        raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the "
+                                f"number of training images ({num_images}); lower it")
+    if (args.constraint == "embeddings") != (args.constraint_embeddings is not None):
+        raise common.UsageError("--constraint embeddings and --constraint-embeddings FILE go "
+                                "together; pass both (or neither)")
+    if args.kmeans_iters < 1:
+        raise common.UsageError(f"--kmeans-iters {args.kmeans_iters} must be at least 1")
+    if args.local_crops_number < 0:
+        raise common.UsageError(f"--local-crops-number {args.local_crops_number} must be 0 or more")
+    if args.local_crops_number and not 1 <= args.local_crops_size <= args.image_size:
+        raise common.UsageError(f"--local-crops-size {args.local_crops_size} must be between 1 and "
+                                f"--image-size ({args.image_size}); use about 96/224 of it, e.g. "
+                                f"{max(1, round(args.image_size * 96 / 224))}")
+
+
+
+# ============ the 2Q method: memories, constraint, loss, step =====================================
+
 class PreviousVisitStore(torch.nn.Module):
     """For every dataset index, the target embedding of that image's most recent visit: N x d.
 
@@ -149,12 +176,370 @@ class PreviousVisitStore(torch.nn.Module):
         self.embeddings[indices] = embeddings.to(self.embeddings.dtype)
 
 
+
+class OnlineNetwork(torch.nn.Sequential):
+    """Online encoder + predictor (same parameter names as train_msf.py's nn.Sequential). Its
+    forward takes a list of query crops and runs each run of same-resolution crops as one batch
+    (DINO's multi-crop wrapper), so that DDP sees a single forward per step. Returns (sum of
+    batches, d)."""
+
+    def forward(self, crops):
+        outputs, start = [], 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            outputs.append(super().forward(torch.cat(crops[start:end])))
+            start = end
+        return torch.cat(outputs)
+
+
+
+@torch.no_grad()
+def two_queue_constraint(target, target_prev, bank_embeddings, previous_embeddings,
+                         previous_labels, k, k_prime, search_dtype=None):
+    """The 2Q constraint. C = the k' nearest neighbours of t' (previous-visit embedding of each
+    image, B x d) among the rows of M' (previous_embeddings, M x d) whose image had a previous
+    visit (previous_labels 0; -1 never matches); the constrained neighbours are the min(k, k')
+    members of C most similar to t (B x d) in the bank (bank_embeddings, M x d: the same slots).
+    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')),
+    validity)."""
+    query_labels = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    _, candidates, candidates_valid = common.knn_search(target_prev, previous_embeddings, k_prime,
+                                                        query_labels=query_labels,
+                                                        key_labels=previous_labels,
+                                                        search_dtype=search_dtype)
+    sims = torch.einsum("bd,bkd->bk", target, bank_embeddings[candidates].float())  # (B, k')
+    sims = sims.masked_fill(~candidates_valid, -math.inf)
+    top_sims, order = sims.topk(min(k, k_prime), dim=1)
+    return candidates, candidates_valid, candidates.gather(1, order), torch.isfinite(top_sims)
+
+
+@torch.no_grad()
+def complete_constrained(constrained, constrained_valid, constrained_rows, unconstrained, k):
+    """Rows without a constraint (no previous visit / no cluster yet) take the unconstrained
+    neighbours, i.e. plain MSF. With k' < k the constrained set has k' columns: as upstream, the
+    other k - k' are the nearest unconstrained neighbours not already chosen. Invalid slots stay out
+    of the loss."""
+    rows = constrained_rows.unsqueeze(1)
+    if constrained.shape[1] < k:
+        already = ((unconstrained.unsqueeze(2) == constrained.unsqueeze(1))
+                   & constrained_valid.unsqueeze(1)).any(2)
+        # keeps the similarity order
+        fresh_first = torch.sort(already.int(), dim=1, stable=True).indices
+        padding = unconstrained.gather(1, fresh_first[:, :k - constrained.shape[1]])
+        constrained = torch.cat([constrained, padding], dim=1)
+        constrained_valid = torch.cat(
+            [constrained_valid, torch.ones_like(padding, dtype=torch.bool)], dim=1)
+    slots = torch.where(rows, constrained, unconstrained)
+    valid = torch.where(rows, constrained_valid, torch.ones_like(constrained_valid))
+    return slots, valid
+
+
+
+class CMSFMemory(torch.nn.Module):
+    """What CMSF remembers, replicated and identical on every rank (each step enqueues the global
+    batch). d = embedding size, M = --mem-bank-size, N = training images:
+      bank           M x d  the targets t of the last M images (+ their labels, dataset indices)
+      store          N x d  every image's target at its latest visit (PreviousVisitStore)
+      previous_bank  M x d  2Q only, M': for each bank slot, its image's visit before that one
+      cluster_of_image  N   CMSF-KM only: the image's k-means cluster (-1: none yet)
+      other_modality N x D  cross-modal only: (another modality's embeddings, has one (N,) bool)
+    Each is saved in checkpoints under its own name (main's to_save)."""
+
+    def __init__(self, constraint, bank, store, k, k_prime, search_dtype=None, previous_bank=None,
+                 cluster_of_image=None, other_modality=None):
+        super().__init__()
+        self.constraint, self.k, self.k_prime, self.search_dtype = (constraint, k, k_prime,
+                                                                    search_dtype)
+        self.bank, self.store, self.previous_bank = bank, store, previous_bank
+        self.cluster_of_image, self.other_modality = cluster_of_image, other_modality
+
+    @torch.no_grad()
+    def enqueue(self, target, labels, indices):
+        """Add the global batch of targets t (this rank's: B x d): t' = the previous visits, read
+        BEFORE this visit is recorded; t into the bank and t' into M' (lockstep: the same slots);
+        then t into the store. Returns this rank's (t' (B, d) float32, visited before (B,))."""
+        global_target, global_labels, global_indices = (common.all_gather(x)
+                                                        for x in (target, labels, indices))
+        global_prev, global_visited = self.store.lookup(global_indices)  # (G, d), (G,)
+        self.bank.enqueue(global_target, global_labels, global_indices)
+        if self.previous_bank is not None:
+            # label 0 marks slots whose image had a previous visit, -1 (never searched) the others
+            self.previous_bank.enqueue(global_prev, torch.where(global_visited, 0, -1),
+                                       global_indices)
+        self.store.record(global_indices, global_target)
+        mine = slice(common.get_rank() * target.shape[0], (common.get_rank() + 1) * target.shape[0])
+        return global_prev[mine], global_visited[mine]
+
+    @torch.no_grad()
+    def neighbours(self, target, indices, previous):
+        """Both neighbour sets of t (B, d), after enqueue: "unconstrained" (B, k) = top-k of t in
+        the bank (which holds t itself); "constrained" (B, k) + "constrained_valid" = top-k within
+        the constraint set C, plain MSF's neighbours for the rows without one
+        ("constrained_rows" False). `previous`: what enqueue returned."""
+        _, unconstrained, _ = common.knn_search(target, self.bank.embeddings, self.k,
+                                                search_dtype=self.search_dtype)
+        found = {"unconstrained": unconstrained}
+        if self.constraint == "2q":  # C = neighbours of t' among M'
+            target_prev, constrained_rows = previous
+            (found["candidates"], found["candidates_valid"], constrained,
+             constrained_valid) = two_queue_constraint(
+                target, target_prev, self.bank.embeddings, self.previous_bank.embeddings,
+                self.previous_bank.labels, self.k, self.k_prime, self.search_dtype)
+        elif self.constraint == "embeddings":  # C = neighbours in the other modality
+            other_embeddings, has_embedding = self.other_modality
+            constrained_rows = has_embedding[indices]
+            (found["candidates"], found["candidates_valid"], constrained,
+             constrained_valid) = cross_modal_constraint(target, indices, self.bank,
+                                                         other_embeddings, has_embedding, self.k,
+                                                         self.k_prime, self.search_dtype)
+        else:  # kmeans: C = the bank entries of the sample's cluster
+            constrained, constrained_valid, constrained_rows, found["slot_clusters"] = (
+                kmeans_constraint(target, indices, self.bank, self.cluster_of_image, self.k,
+                                  self.search_dtype))
+        found["constrained"], found["constrained_valid"] = complete_constrained(
+            constrained, constrained_valid, constrained_rows, unconstrained, self.k)
+        found["constrained_rows"] = constrained_rows
+        return found
+
+    @torch.no_grad()
+    def constraint_sizes(self, found, indices, rows=64):
+        """|C| of the first `rows` samples (M for those without a constraint); print steps only."""
+        if self.constraint == "kmeans":
+            sample_clusters = self.cluster_of_image[indices][:rows, None]
+            size = (found["slot_clusters"].unsqueeze(0) == sample_clusters).sum(1)
+        else:
+            size = found["candidates_valid"][:rows].sum(1)
+        return torch.where(found["constrained_rows"][:rows], size, self.bank.size)
+
+
+def cmsf_loss(queries, memory_bank, found):
+    """The CMSF self-supervised loss, averaged over the query crops q of each image:
+        L = 1/2 [ 1/|N_C(t)| sum_{z in N_C(t)} (2 - 2 q.z)  +  1/k sum_{z in N(t)} (2 - 2 q.z) ]
+    N(t): top-k of t in the bank; N_C(t): top-k of t restricted to the constraint set C (both hold
+    t).
+    queries: (crops, B, d) unit vectors. Returns the per-sample loss (B,)."""
+    constrained = memory_bank.embeddings[found["constrained"]]
+    unconstrained = memory_bank.embeddings[found["unconstrained"]]
+    per_crop = [(common.mean_shift_loss(q, constrained, found["constrained_valid"])
+                 + common.mean_shift_loss(q, unconstrained)) / 2 for q in queries]
+    return torch.stack(per_crop).mean(dim=0)
+
+
+
+def train_one_epoch(args, epoch, loader, logger, online, target_encoder, optimizer, lr_schedule,
+                    memory, device, autocast_dtype, scaler, stopper):
+    """One epoch of CMSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
+    iters = loader.sampler.iters_per_epoch
+    channels_last = device.type == "cuda"  # GPU convolutions run faster in NHWC
+    online_encoder = common.unwrap(online)[0]
+    for it, (views, labels, indices) in logger.log_every(loader, logger.start_iter):
+        step = epoch * iters + it
+        common.set_lr(optimizer, lr_schedule[step])
+        views = common.prepare_views(views, device, channels_last)
+        target_view, query_crops = views[0], views[1:]  # query crops: the query view + local crops
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device,
+                                                                           non_blocking=True)
+
+        with common.autocast(device, autocast_dtype):
+            queries = online(query_crops)  # (crops x B, d)
+        queries = F.normalize(queries.float(), dim=1).view(len(query_crops), -1, queries.shape[1])
+
+        with torch.no_grad():
+            common.ema_update_(target_encoder, online_encoder, args.ema)
+            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
+            with common.autocast(device, autocast_dtype):
+                target = target_encoder(shuffled)
+            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
+            # Enqueue first: the bank then holds t itself, its own nearest neighbour.
+            previous = memory.enqueue(target, labels, indices)
+            found = memory.neighbours(target, indices, previous)
+
+        loss = cmsf_loss(queries, memory.bank, found).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        # Logged, never trained on: purity (true labels) of both neighbour sets and the fraction
+        # of samples without a constraint (plain MSF); at print steps the posters' diagnostics.
+        bank_labels = memory.bank.labels
+        logger.update(loss=loss,
+                      purity_constrained=common.purity(bank_labels[found["constrained"]], labels,
+                                                       found["constrained_valid"]),
+                      purity_unconstrained=common.purity(bank_labels[found["unconstrained"]],
+                                                         labels),
+                      msf_fallback=1.0 - found["constrained_rows"].float().mean())
+        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
+            logger.update(**common.neighbour_diagnostics(
+                target, labels, memory.bank.embeddings, bank_labels, found["constrained"],
+                found["constrained_valid"], constraint_size=memory.constraint_sizes(found,
+                                                                                    indices)))
+            common.check_finite(loss, epoch, it)
+        logger.step(it, lr=lr_schedule[step])
+        # SLURM's signal, --checkpoint-minutes, --stop-after-iters
+        if stopper.checkpoint_if_due(it, iters, epoch, loss, logger):
+            return None
+    return logger.averages()
+
+
+def main(args):
+    device = common.start_training(args)  # distributed init, flag checks, seeds, provenance
+    autocast_dtype = common.amp_dtype(args.amp, device)  # None: float32
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    workers = common.default_workers(args.workers)
+
+    # ============ data: [target view, query view, local query crops...] ============
+    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
+                                             args.image_size, args.synthetic_images)
+    check_args(args, len(base))
+    local_batch_size = common.check_dataset_size(len(base), args, common.get_world_size())
+    other_modality = None
+    if args.constraint == "embeddings":
+        other_modality = tuple(x.to(device) for x in read_other_modality_embeddings(
+            args.constraint_embeddings, common.dataset_relative_paths(base),
+            getattr(torch, args.store_dtype)))
+        if common.is_main_process():
+            missing = int((~other_modality[1]).sum())
+            print(f"--constraint-embeddings {args.constraint_embeddings}: "
+                  f"{other_modality[0].shape[1]}-d embeddings of {len(base) - missing} images; "
+                  f"{missing} without one use plain MSF", flush=True)
+    on_device = common.resolve_on_device(args.augment_on, device)
+    two_views = common.two_view_transform(args.augmentation, args.image_size,
+                                          on_device).view_transforms
+    local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE,
+                                              on_device=on_device)
+                   for _ in range(args.local_crops_number)]
+    dataset = common.IndexedDataset(base, common.MultiViewTransform(two_views + local_crops))
+    sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = common.make_train_loader(dataset, sampler, workers, device)
+
+    # ============ networks: online = encoder + predictor, target = EMA copy of the encoder =====
+    online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
+                                                            device, device.type == "cuda",
+                                                            args.bn_batch_size, local_batch_size,
+                                                            online_class=OnlineNetwork)
+    encoder = online[0]
+    optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
+                                                             sampler.iters_per_epoch)
+
+    # ============ memories: bank, previous-visit store, M' (2Q) or clusters (CMSF-KM) ========
+    store_dtype = getattr(torch, args.store_dtype)
+    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
+                                    getattr(torch, args.bank_dtype), seed=args.seed).to(device)
+    store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(device)
+    previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype,
+                                       seed=args.seed + 1).to(device)
+                     if args.constraint == "2q" else None)
+    clusters = ClusterAssignment(len(dataset)).to(device)
+    memory = CMSFMemory(args.constraint, memory_bank, store, args.topk, args.topk_prime,
+                        getattr(torch, args.search_dtype), previous_bank,
+                        clusters.cluster_of_image, other_modality)
+    knn_monitor = common.knn_monitor_from_args(args, base, num_classes, device, workers,
+                                               autocast_dtype)
+
+    # ============ resume: what a checkpoint holds ============
+    to_save = {"online": online, "target": target_encoder, "optimizer": optimizer,
+               "memory_bank": memory_bank, "store": store, "clusters": clusters, "scaler": scaler}
+    if previous_bank is not None:
+        to_save["previous_bank"] = previous_bank
+    resumed = common.restart_from_checkpoint(args, SCRIPT, RESUMABLE, to_save)
+    start_epoch, start_iter, metrics = resumed["epoch"], resumed["iteration"], resumed["metrics"]
+    tensorboard = (common.TensorboardLogger(args.output_dir, start_epoch) if args.tensorboard
+                   else None)
+    if resumed["log_record"] is not None:  # a kill may have cut that epoch's tail: write it again
+        common.write_epoch_outputs(args, SCRIPT, start_epoch, resumed["log_record"], online,
+                                   target_encoder, encoder.backbone, tensorboard)
+    if start_epoch >= args.epochs:
+        return
+    if common.is_main_process():
+        mib = 2 ** 20
+        upstream = 2 * len(dataset) * encoder.embed_dim * 4
+        second = (f" + M' {args.mem_bank_size} x {encoder.embed_dim} {args.store_dtype} "
+                  f"({previous_bank.embeddings.nbytes / mib:.1f} "
+                  f"MiB)" if previous_bank is not None else "")
+        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {common.get_world_size()} "
+              f"process(es) on {device}, global batch {args.batch_size}, "
+              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
+              f"{encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / mib:.1f} MiB), constraint {args.constraint}, "
+              f"k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
+              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp "
+              f"{common.amp_name(autocast_dtype)}, {workers} loader "
+              f"workers\nprevious-visit store {len(dataset)} x {encoder.embed_dim} "
+              f"{args.store_dtype} ({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x "
+              f"d float32 ({upstream / mib:.1f} MiB)", flush=True)
+
+    # ============ training ============
+    online_ddp = common.ddp(online)
+    stopper = common.TrainingStopper(args, SCRIPT, device, to_save)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]",
+                                     sampler.iters_per_epoch, args.batch_size, args.print_freq,
+                                     start_iter, metrics)
+        start = time.time()
+        # CMSF-KM: new clusters at each epoch start (a resumed epoch keeps its clusters)
+        extra = (recluster(clusters, store, args, epoch)
+                 if args.constraint == "kmeans" and epoch > 0 and start_iter == 0 else {})
+        stats = train_one_epoch(args, epoch, loader, logger, online_ddp, target_encoder, optimizer,
+                                lr_schedule, memory, device, autocast_dtype, scaler, stopper)
+        if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
+            break
+        start_iter, metrics = 0, None
+        record = {"epoch": epoch + 1, **stats, **extra,
+                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
+                  "epoch_seconds": round(time.time() - start, 1)}
+        # the epoch tail, in an order a kill at any point can repeat (see write_epoch_outputs)
+        common.run_knn_monitor(knn_monitor, epoch, encoder.backbone, record)
+        common.save_training_state(args, SCRIPT, epoch + 1, 0, to_save, log_record=record)
+        common.write_epoch_outputs(args, SCRIPT, epoch + 1, record, online, target_encoder,
+                                   encoder.backbone, tensorboard)
+        if stopper.after_epoch(epoch):
+            break
+    common.finish_training(args, stopper, tensorboard)
+
+
+# ============ variant: CMSF-KM (--constraint kmeans) ==============================================
+
 class ClusterAssignment(torch.nn.Module):
     """CMSF-KM: the k-means cluster of every dataset index (-1: not clustered yet), checkpointed."""
 
     def __init__(self, num_images):
         super().__init__()
         self.register_buffer("cluster_of_image", torch.full((num_images,), -1, dtype=torch.long))
+
+
+
+@torch.no_grad()
+def kmeans_constraint(target, indices, memory_bank, cluster_of_image, k, search_dtype=None):
+    """CMSF-KM's constraint: C = the bank entries whose image is in the sample's cluster; the
+    constrained neighbours are the top-k of t in C. Cluster -1 (not clustered yet) is
+    unconstrained. Returns (constrained slots (B, k), validity, constrained rows (B,), the cluster
+    of every bank slot (M,))."""
+    sample_clusters = cluster_of_image[indices]
+    slot_clusters = torch.where(memory_bank.indices >= 0,
+                                cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
+    _, constrained, constrained_valid = common.knn_search(
+        target, memory_bank.embeddings, k, query_labels=sample_clusters, key_labels=slot_clusters,
+        search_dtype=search_dtype)
+    return constrained, constrained_valid, sample_clusters >= 0, slot_clusters
+
+
+def recluster(clusters, store, args, epoch):
+    """CMSF-KM at an epoch start: k-means of the store into clusters.cluster_of_image (in place);
+    prints and returns the seconds taken and the clusters used."""
+    start = time.time()
+    clusters.cluster_of_image.copy_(cluster_store(store, args.num_clusters, args.kmeans_iters,
+                                                  args.seed, epoch))
+    assigned = clusters.cluster_of_image[clusters.cluster_of_image >= 0]
+    stats = {"kmeans_seconds": round(time.time() - start, 1),
+             "kmeans_clusters_used": int(assigned.unique().numel())}
+    if common.is_main_process():
+        print(f"k-means: {stats['kmeans_clusters_used']} non-empty clusters of "
+              f"{assigned.numel()} images in {stats['kmeans_seconds']} s", flush=True)
+    return stats
 
 
 # Fixed-point scale of the centroid sums: integer addition is associative, so the sums (and the
@@ -207,10 +592,21 @@ def _kmeans_seed(points, num_clusters, generator, sample_per_cluster=16):
     return centres
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_is_fast(device_type):
+    """Whether a bfloat16 matmul runs several times faster than a float32 one: tensor cores (CUDA,
+    Ampere and later) or AVX512-BF16 through oneDNN (CPU). Elsewhere bf16 is emulated and slower."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
 def _assignment_precision(device):
     """(matmul dtype, its unit roundoff) of the k-means assignment step: bf16 where bf16 matmuls are
     fast, fp16 on older GPUs (tensor cores), float32 elsewhere."""
-    if common._bf16_matmul_is_fast(device.type):
+    if bf16_matmul_is_fast(device.type):
         return torch.bfloat16, 2.0 ** -8
     if device.type == "cuda":
         return torch.float16, 2.0 ** -11
@@ -317,63 +713,8 @@ def cluster_store(store, num_clusters, iters, seed, epoch):
     return cluster_of_image
 
 
-class OnlineNetwork(torch.nn.Sequential):
-    """Online encoder + predictor (same parameter names as train_msf.py's nn.Sequential). Its
-    forward takes a list of query crops and runs each run of same-resolution crops as one batch
-    (DINO's multi-crop wrapper), so that DDP sees a single forward per step. Returns (sum of
-    batches, d)."""
 
-    def forward(self, crops):
-        outputs, start = [], 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            outputs.append(super().forward(torch.cat(crops[start:end])))
-            start = end
-        return torch.cat(outputs)
-
-
-@torch.no_grad()
-def two_queue_constraint(target, target_prev, memory_bank, previous_bank, k, k_prime,
-                         search_dtype=None):
-    """The 2Q constraint. C = the k' nearest neighbours of t' (previous-visit embedding of each
-    image) among the rows of M' (previous_bank) whose image had a previous visit (label 0; -1 never
-    matches); the constrained neighbours are the min(k, k') members of C most similar to t.
-    Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')),
-    validity)."""
-    query_labels = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-    _, candidates, candidates_valid = common.knn_search(target_prev, previous_bank.embeddings,
-                                                        k_prime,
-                                                        query_labels=query_labels,
-                                                        key_labels=previous_bank.labels,
-                                                        search_dtype=search_dtype)
-    sims = torch.einsum("bd,bkd->bk", target, memory_bank.embeddings[candidates].float())
-    sims = sims.masked_fill(~candidates_valid, -math.inf)
-    top_sims, order = sims.topk(min(k, k_prime), dim=1)
-    return candidates, candidates_valid, candidates.gather(1, order), torch.isfinite(top_sims)
-
-
-@torch.no_grad()
-def complete_constrained(constrained, constrained_valid, constrained_rows, unconstrained, k):
-    """Rows without a constraint (no previous visit / no cluster yet) take the unconstrained
-    neighbours, i.e. plain MSF. With k' < k the constrained set has k' columns: as upstream, the
-    other k - k' are the nearest unconstrained neighbours not already chosen. Invalid slots stay out
-    of the loss."""
-    rows = constrained_rows.unsqueeze(1)
-    if constrained.shape[1] < k:
-        already = ((unconstrained.unsqueeze(2) == constrained.unsqueeze(1))
-                   & constrained_valid.unsqueeze(1)).any(2)
-        # keeps the similarity order
-        fresh_first = torch.sort(already.int(), dim=1, stable=True).indices
-        padding = unconstrained.gather(1, fresh_first[:, :k - constrained.shape[1]])
-        constrained = torch.cat([constrained, padding], dim=1)
-        constrained_valid = torch.cat(
-            [constrained_valid, torch.ones_like(padding, dtype=torch.bool)], dim=1)
-    slots = torch.where(rows, constrained, unconstrained)
-    valid = torch.where(rows, constrained_valid, torch.ones_like(constrained_valid))
-    return slots, valid
-
+# ============ variant: cross-modal (--constraint embeddings) ======================================
 
 def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
     """Read --constraint-embeddings FILE: one embedding per training image from another modality or
@@ -428,10 +769,10 @@ def read_other_modality_embeddings(path, relative_paths, dtype=torch.float32):
     return result, has_embedding
 
 
+
 @torch.no_grad()
 def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_embedding, k,
-                           k_prime,
-                           search_dtype=None):
+                           k_prime, search_dtype=None):
     """The cross-modal constraint, the 2Q search with other-modality embeddings in place of the
     previous visit: C = the k' nearest neighbours of the image's other-modality embedding among the
     other-modality embeddings of the images now in the bank (found through the bank's dataset
@@ -442,291 +783,11 @@ def cross_modal_constraint(target, indices, memory_bank, other_embeddings, has_e
     step (store other_embeddings in half precision to halve it).
     Returns (candidate slots C (B, k'), their validity, constrained slots (B, min(k, k')),
     validity), as two_queue_constraint."""
-    import types
     slot_images = memory_bank.indices.clamp(min=0)
     slot_has_embedding = (memory_bank.indices >= 0) & has_embedding[slot_images]
-    other_bank = types.SimpleNamespace(embeddings=other_embeddings[slot_images],  # (M, D)
-                                       labels=torch.where(slot_has_embedding, 0, -1))
-    return two_queue_constraint(target, other_embeddings[indices].float(), memory_bank, other_bank,
-                                k,
-                                k_prime, search_dtype)
-
-
-@torch.no_grad()
-def enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank, store,
-                                cluster_of_image,
-                                constraint, k, k_prime, search_dtype, other_modality=None):
-    """One step of bookkeeping and search for the local targets t (B, d), after all-gathering the
-    global batch so that every rank's bank, M' and store stay identical:
-    1. t' = previous-visit embeddings of the global batch, read BEFORE this visit is recorded;
-    2. enqueue t into the bank and t' into M' (lockstep: same slots), then record t in the store;
-    3. unconstrained top-k of t in the bank (which holds t itself) and the constrained top-k.
-    Returns a dict of (B, k) slot/valid tensors and the (B,) rows that are constrained."""
-    global_target, global_labels, global_indices = (common.all_gather(x) for x in (target, labels,
-                                                                                   indices))
-    global_prev, global_visited = store.lookup(global_indices)
-    memory_bank.enqueue(global_target, global_labels, global_indices)
-    if previous_bank is not None:
-        # label 0 marks slots whose image had a previous visit, -1 (never searched) the others
-        previous_bank.enqueue(global_prev, torch.where(global_visited, 0, -1), global_indices)
-    store.record(global_indices, global_target)
-
-    rank_rows = slice(common.get_rank() * target.shape[0],
-                      (common.get_rank() + 1) * target.shape[0])
-    _, unconstrained, _ = common.knn_search(target, memory_bank.embeddings, k,
-                                            search_dtype=search_dtype)
-    found = {"unconstrained": unconstrained}
-    if constraint == "2q":
-        target_prev, constrained_rows = global_prev[rank_rows], global_visited[rank_rows]
-        (found["candidates"], found["candidates_valid"], constrained,
-         constrained_valid) = two_queue_constraint(
-            target, target_prev, memory_bank, previous_bank, k, k_prime, search_dtype)
-    elif constraint == "embeddings":  # C from the other modality's embeddings of the bank's images
-        other_embeddings, has_embedding = other_modality
-        constrained_rows = has_embedding[indices]  # images without one fall back to plain MSF
-        (found["candidates"], found["candidates_valid"], constrained,
-         constrained_valid) = cross_modal_constraint(
-            target, indices, memory_bank, other_embeddings, has_embedding, k, k_prime, search_dtype)
-    # kmeans: bank entries of the sample's cluster; cluster -1 (not clustered yet) is unconstrained
-    else:
-        sample_clusters = cluster_of_image[indices]
-        slot_clusters = torch.where(memory_bank.indices >= 0,
-                                    cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
-        _, constrained, constrained_valid = common.knn_search(
-            target, memory_bank.embeddings, k, query_labels=sample_clusters,
-            key_labels=slot_clusters,
-            search_dtype=search_dtype)
-        constrained_rows = sample_clusters >= 0
-    found["constrained"], found["constrained_valid"] = complete_constrained(
-        constrained, constrained_valid, constrained_rows, unconstrained, k)
-    found["constrained_rows"] = constrained_rows
-    return found
-
-
-def cmsf_loss(queries, memory_bank, found):
-    """The CMSF self-supervised loss, averaged over the query crops q of each image:
-        L = 1/2 [ 1/|N_C(t)| sum_{z in N_C(t)} (2 - 2 q.z)  +  1/k sum_{z in N(t)} (2 - 2 q.z) ]
-    N(t): top-k of t in the bank; N_C(t): top-k of t restricted to the constraint set C (both hold
-    t).
-    queries: (crops, B, d) unit vectors. Returns the per-sample loss (B,)."""
-    constrained = memory_bank.embeddings[found["constrained"]]
-    unconstrained = memory_bank.embeddings[found["unconstrained"]]
-    per_crop = [(common.mean_shift_loss(q, constrained, found["constrained_valid"])
-                 + common.mean_shift_loss(q, unconstrained)) / 2 for q in queries]
-    return torch.stack(per_crop).mean(dim=0)
-
-
-@torch.no_grad()
-def rank_in_unconstrained_order(target, bank_embeddings, slots, valid, chunk_size=65536):
-    """Mean rank (0 = nearest) of the given neighbours among all bank entries ordered by similarity
-    to
-    t: the count of entries strictly more similar. One B x M pass, so it is only run at print steps.
-    The neighbours' own similarities come from the same matmul, so a neighbour never outranks
-    itself."""
-    sims = torch.cat([target @ chunk.float().T for chunk in bank_embeddings.split(chunk_size)],
-                     dim=1)
-    neighbour_sims = sims.gather(1, slots)
-    ranks = torch.stack([(sims > neighbour_sims[:, j:j + 1]).sum(1) for j in range(slots.shape[1])],
-                        dim=1)
-    valid = valid.float()
-    return (ranks.float() * valid).sum() / valid.sum().clamp(min=1)
-
-
-def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
-                    previous_bank, store, cluster_of_image, other_modality, lr_schedule,
-                    start_iter):
-    """One epoch of CMSF. Returns the epoch's averages, or None when the run must stop mid-epoch."""
-    iters = loader.sampler.iters_per_epoch
-    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter, run.take_resumed_metrics())
-    online_encoder = common.unwrap(online)[0]
-    search_dtype = getattr(torch, args.search_dtype)
-    for it, (views, labels, indices) in logger.log_every(loader, start_iter):
-        step = epoch * iters + it
-        common.set_lr(optimizer, lr_schedule[step])
-        views = common.prepare_views(views, run.device, run.channels_last)
-        target_view, query_crops = views[0], views[1:]  # query crops: the query view + local crops
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
-                                                                               non_blocking=True)
-
-        with run.autocast():
-            queries = online(query_crops)
-        queries = F.normalize(queries.float(), dim=1).view(len(query_crops), -1, queries.shape[1])
-
-        with torch.no_grad():
-            common.ema_update_(target_encoder, online_encoder, args.ema)
-            shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-            with run.autocast():
-                target = target_encoder(shuffled)
-            target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
-            # Enqueue first (inside): the bank then holds t itself, its own nearest neighbour.
-            found = enqueue_and_find_neighbours(target, labels, indices, memory_bank, previous_bank,
-                                                store,
-                                                cluster_of_image, args.constraint, args.topk,
-                                                args.topk_prime, search_dtype, other_modality)
-
-        loss_per_sample = cmsf_loss(queries, memory_bank, found)
-        loss = loss_per_sample.mean()
-        optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(optimizer)
-        run.scaler.update()
-
-        # Logged, never trained on: purity (true labels) of the neighbour sets of both terms, the
-        # fraction of samples without a constraint (plain MSF), and at print steps the mean rank of
-        # the constrained neighbours in the unconstrained ordering (how far down the plain list).
-        logger.update(loss=loss,
-                      purity_constrained=common.purity(memory_bank.labels[found["constrained"]],
-                                                       labels,
-                                                       found["constrained_valid"]),
-                      purity_unconstrained=common.purity(memory_bank.labels[found["unconstrained"]],
-                                                         labels),
-                      msf_fallback=1.0 - found["constrained_rows"].float().mean())
-        if (it + 1) % args.print_freq == 0 or it + 1 == iters:
-            logger.update(constrained_rank=rank_in_unconstrained_order(
-                target, memory_bank.embeddings, found["constrained"], found["constrained_valid"]))
-            if args.constraint == "kmeans":  # C = the bank entries of the sample's cluster
-                slot_clusters = torch.where(memory_bank.indices >= 0,
-                                            cluster_of_image[memory_bank.indices.clamp(min=0)], -1)
-                size = (slot_clusters.unsqueeze(0) == cluster_of_image[indices][:64, None]).sum(1)
-            else:
-                size = found["candidates_valid"].sum(1)
-            size = torch.where(found["constrained_rows"][:64], size[:64], args.mem_bank_size)
-            logger.update(**common.neighbour_diagnostics(
-                target, labels, memory_bank.embeddings, memory_bank.labels, found["constrained"],
-                found["constrained_valid"], constraint_size=size))
-            common.check_finite(loss, epoch, it)
-        logger.step(it, lr=lr_schedule[step])
-        action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
-        if action and run.save_mid_epoch(action, epoch, it, loss, logger):
-            return None
-    return logger.averages()
-
-
-def check_args(args, num_images):
-    """The checks of this script's own flags (the shared ones are common.check_training_args)."""
-    if not 1 <= args.topk_prime <= args.mem_bank_size:
-        raise common.UsageError(f"--topk-prime {args.topk_prime} must be between 1 and "
-                                f"--mem-bank-size ({args.mem_bank_size})")
-    if args.constraint == "kmeans" and not 1 <= args.num_clusters <= num_images:
-        raise common.UsageError(f"--num-clusters {args.num_clusters} must be between 1 and the "
-                                f"number of training images ({num_images}); lower it")
-    if (args.constraint == "embeddings") != (args.constraint_embeddings is not None):
-        raise common.UsageError("--constraint embeddings and --constraint-embeddings FILE go "
-                                "together; pass both (or neither)")
-    if args.kmeans_iters < 1:
-        raise common.UsageError(f"--kmeans-iters {args.kmeans_iters} must be at least 1")
-    if args.local_crops_number < 0:
-        raise common.UsageError(f"--local-crops-number {args.local_crops_number} must be 0 or more")
-    if args.local_crops_number and not 1 <= args.local_crops_size <= args.image_size:
-        raise common.UsageError(f"--local-crops-size {args.local_crops_size} must be between 1 and "
-                                f"--image-size ({args.image_size}); use about 96/224 of it, e.g. "
-                                f"{max(1, round(args.image_size * 96 / 224))}")
-
-
-def main(args):
-    run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
-
-    # ---- data: [target view, query view, local query crops...]
-    base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
-                                             args.image_size, args.synthetic_images)
-    check_args(args, len(base))
-    run.fit_to_dataset(len(base), args)
-    other_modality = None
-    if args.constraint == "embeddings":
-        other_modality = tuple(x.to(run.device) for x in read_other_modality_embeddings(
-            args.constraint_embeddings, common.dataset_relative_paths(base),
-            getattr(torch, args.store_dtype)))
-        if run.rank == 0:
-            missing = int((~other_modality[1]).sum())
-            print(f"--constraint-embeddings {args.constraint_embeddings}: "
-                  f"{other_modality[0].shape[1]}-d embeddings of {len(base) - missing} images; "
-                  f"{missing} without one use plain MSF",
-                  flush=True)
-    two_views = common.two_view_transform(args.augmentation, args.image_size,
-                                          run.augment_on_device).view_transforms
-    local_crops = [common.strong_augmentation(args.local_crops_size, scale=LOCAL_CROP_SCALE,
-                                              on_device=run.augment_on_device)
-                   for _ in range(args.local_crops_number)]
-    dataset = common.IndexedDataset(base, common.MultiViewTransform(two_views + local_crops))
-    sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
-
-    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
-    online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
-                                                            run.device, run.channels_last,
-                                                            args.bn_batch_size,
-                                                            run.local_batch_size,
-                                                            online_class=OnlineNetwork)
-    encoder = online[0]
-
-    # ---- memories, replicated and identical on every rank: bank, previous-visit store, and M'
-    # (2Q, lockstep with the bank) or the k-means cluster of every image (CMSF-KM)
-    store_dtype = getattr(torch, args.store_dtype)
-    memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
-                                    getattr(torch, args.bank_dtype),
-                                    seed=args.seed).to(run.device)
-    store = PreviousVisitStore(len(dataset), encoder.embed_dim, store_dtype).to(run.device)
-    previous_bank = (common.MemoryBank(args.mem_bank_size, encoder.embed_dim, store_dtype,
-                                       seed=args.seed + 1).to(run.device)
-                     if args.constraint == "2q" else None)
-    clusters = ClusterAssignment(len(dataset)).to(run.device)
-    optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
-                                                             sampler.iters_per_epoch)
-
-    run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank,
-              store=store, clusters=clusters)
-    if previous_bank is not None:
-        run.track(previous_bank=previous_bank)
-    run.add_knn_monitor(args, base, num_classes)
-    start_epoch, start_iter = run.resume(args.resume)
-    if run.rank == 0 and not run.already_complete:
-        mib = 2 ** 20
-        upstream = 2 * len(dataset) * encoder.embed_dim * 4
-        second = (f" + M' {args.mem_bank_size} x {encoder.embed_dim} {args.store_dtype} "
-                  f"({previous_bank.embeddings.nbytes / mib:.1f} "
-                  f"MiB)" if previous_bank is not None else "")
-        print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {run.world_size} process(es) on "
-              f"{run.device}, global batch {args.batch_size}, {sampler.iters_per_epoch} it/epoch, "
-              f"bank {args.mem_bank_size} x {encoder.embed_dim} {args.bank_dtype} "
-              f"({memory_bank.embeddings.nbytes / mib:.1f} MiB), constraint {args.constraint}, "
-              f"k={args.topk}, k'={args.topk_prime}, {args.augmentation}, "
-              f"{args.local_crops_number} local crops of {args.local_crops_size} px, amp "
-              f"{common.amp_name(run.autocast_dtype)}, {run.workers} loader "
-              f"workers\nprevious-visit store {len(dataset)} x {encoder.embed_dim} "
-              f"{args.store_dtype} ({store.nbytes / mib:.1f} MiB){second}; upstream keeps 2 x N x "
-              f"d float32 ({upstream / mib:.1f} MiB)", flush=True)
-
-    online_ddp = run.ddp(online)
-    run.start_epoch_loop()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_iter)
-        start = time.time()
-        extra = {}
-        # a resumed epoch keeps its clusters
-        if args.constraint == "kmeans" and epoch > 0 and start_iter == 0:
-            clusters.cluster_of_image.copy_(cluster_store(store, args.num_clusters,
-                                                          args.kmeans_iters,
-                                                          args.seed, epoch))
-            assigned = clusters.cluster_of_image[clusters.cluster_of_image >= 0]
-            extra = {"kmeans_seconds": round(time.time() - start, 1),
-                     "kmeans_clusters_used": int(assigned.unique().numel())}
-            if run.rank == 0:
-                print(f"k-means: {extra['kmeans_clusters_used']} non-empty clusters of "
-                      f"{assigned.numel()} images in {extra['kmeans_seconds']} s", flush=True)
-        stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
-                                memory_bank, previous_bank, store, clusters.cluster_of_image,
-                                other_modality, lr_schedule, start_iter)
-        if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
-            break
-        start_iter = 0
-        record = {"epoch": epoch + 1, **stats, **extra,
-                  "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
-                  "epoch_seconds": round(time.time() - start, 1)}
-        run.end_epoch(epoch, record, encoder.backbone)
-        if run.should_stop_after_epoch(epoch):
-            break
-    run.finish()
+    return two_queue_constraint(target, other_embeddings[indices].float(), memory_bank.embeddings,
+                                other_embeddings[slot_images],  # (M, D)
+                                torch.where(slot_has_embedding, 0, -1), k, k_prime, search_dtype)
 
 
 if __name__ == "__main__":

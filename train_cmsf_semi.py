@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import common
 
 SCRIPT = "train_cmsf_semi.py"
+RESUMABLE = common.RUNTIME_FLAGS  # the flags a resumed run may change
 
 
 def get_args_parser():
@@ -263,32 +264,31 @@ class LabelerProgress:
         self.rounds, self.last_loss = state["rounds"], state["last_loss"]
 
 
-def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
-                    pseudo_labeler, cache, progress, true_labels, is_labeled, lr_schedule,
-                    start_iter):
+def train_one_epoch(args, epoch, loader, logger, online, target_encoder, optimizer, lr_schedule,
+                    memory_bank, pseudo_labeler, cache, progress, true_labels, is_labeled, device,
+                    autocast_dtype, scaler, stopper):
     """One epoch of CMSF-semi. Returns the epoch's averages, or None when the run must stop."""
     iters = loader.sampler.iters_per_epoch
+    channels_last = device.type == "cuda"  # GPU convolutions run faster in NHWC
     labeler_rounds_at = {max(1, iters // 2), iters}  # mid-epoch and end
-    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter, run.take_resumed_metrics())
     online_encoder = common.unwrap(online)[0]
     # unlabeled images seen, with a confident pseudo-label, confident and right, argmax right
-    counts = torch.zeros(4, dtype=torch.long, device=run.device)
-    for it, (views, labels, indices) in logger.log_every(loader, start_iter):
+    counts = torch.zeros(4, dtype=torch.long, device=device)
+    for it, (views, labels, indices) in logger.log_every(loader, logger.start_iter):
         step = epoch * iters + it
         common.set_lr(optimizer, lr_schedule[step])
-        target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
+        target_view, query_view = common.prepare_views(views[:2], device, channels_last)
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device,
                                                                                non_blocking=True)
 
-        with run.autocast():
+        with common.autocast(device, autocast_dtype):
             query = online(query_view)
         query = F.normalize(query.float(), dim=1)
 
         with torch.no_grad():
             common.ema_update_(target_encoder, online_encoder, args.ema)
             shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-            with run.autocast():
+            with common.autocast(device, autocast_dtype):
                 target = target_encoder(shuffled)
             target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
             assigned, predicted = assign_labels(pseudo_labeler, target, labels, is_labeled[indices],
@@ -315,9 +315,9 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                                                                  getattr(torch, args.search_dtype))
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(optimizer)
-        run.scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
         neighbour_indices = memory_bank.indices[neighbour_slots]
         neighbour_true = torch.where(neighbour_indices >= 0,
@@ -341,8 +341,8 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                                                          query_labels=assigned,
                                                          key_labels=memory_bank.labels))
             common.check_finite(loss, epoch, it)
-        action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
-        if action and run.save_mid_epoch(action, epoch, it, loss, logger):
+        # SLURM's signal, --checkpoint-minutes, --stop-after-iters
+        if stopper.checkpoint_if_due(it, iters, epoch, loss, logger):
             return None
     seen, covered, covered_right, argmax_right = counts.tolist()
     return {**logger.averages(),
@@ -355,7 +355,10 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
 
 
 def main(args):
-    run = common.TrainingRun(args, SCRIPT)  # distributed init, device, precision; checks the flags
+    device = common.start_training(args)  # distributed init, flag checks, seeds, provenance
+    autocast_dtype = common.amp_dtype(args.amp, device)  # None: float32
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    workers = common.default_workers(args.workers)
     if args.pseudo_epochs < 1 or args.pseudo_batch_size < 2:
         raise common.UsageError("--pseudo-epochs must be >= 1 and --pseudo-batch-size >= 2 "
                                 "(BatchNorm)")
@@ -363,67 +366,83 @@ def main(args):
         raise common.UsageError(f"--threshold {args.threshold} must be >= 0 (a softmax confidence; "
                                 "> 1 disables pseudo-labels)")
 
-    # ---- data: all images feed the loss; the loader yields true labels, used only where is_labeled
+    # ============ data: all images feed the loss; the loader yields true labels, used only where
+    # is_labeled ============
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
-    run.fit_to_dataset(len(base), args)
+    local_batch_size = common.check_dataset_size(len(base), args, common.get_world_size())
     true_labels = common.dataset_targets(base)
     is_labeled = labeled_subset(args, base, num_classes, true_labels)
     cache_size = args.cache_size or min(128_000, 4 * int(is_labeled.sum()))
     if cache_size < 2:
         raise common.UsageError(f"--cache-size {args.cache_size} must be at least 2")
-    views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
+    views = common.two_view_transform(args.augmentation, args.image_size,
+                                      common.resolve_on_device(args.augment_on, device))
     dataset = common.IndexedDataset(base, views)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
+    loader = common.make_train_loader(dataset, sampler, workers, device)
 
-    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
+    # ============ networks: online = encoder + predictor, target = EMA copy of the encoder =====
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
-                                                            run.device, run.channels_last,
-                                                            args.bn_batch_size,
-                                                            run.local_batch_size)
+                                                            device, device.type == "cuda",
+                                                            args.bn_batch_size, local_batch_size)
     encoder = online[0]
     bank_dtype = getattr(torch, args.bank_dtype)
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim, bank_dtype,
-                                    seed=args.seed).to(run.device)
+                                    seed=args.seed).to(device)
     # A MemoryBank is exactly the FIFO the labeled cache needs; index -1 marks never-filled slots.
     cache = common.MemoryBank(cache_size, encoder.embed_dim, bank_dtype,
-                              seed=args.seed).to(run.device)
-    pseudo_labeler = build_pseudo_labeler(encoder.embed_dim, num_classes, args.seed).to(run.device)
+                              seed=args.seed).to(device)
+    pseudo_labeler = build_pseudo_labeler(encoder.embed_dim, num_classes, args.seed).to(device)
     progress = LabelerProgress()
     optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
                                                              sampler.iters_per_epoch)
 
-    run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank,
-              cache=cache, pseudo_labeler=pseudo_labeler, labeler=progress)
-    run.track_constant("is_labeled", is_labeled, "--labeled-list/--labeled-fraction")
-    run.add_knn_monitor(args, base, num_classes)
-    start_epoch, start_iter = run.resume(args.resume)
-    if run.rank == 0 and not run.already_complete:
+    knn_monitor = common.knn_monitor_from_args(args, base, num_classes, device, workers,
+                                               autocast_dtype)
+
+    # ============ resume: what a checkpoint holds ============
+    to_save = {"online": online, "target": target_encoder, "optimizer": optimizer,
+               "memory_bank": memory_bank, "cache": cache, "pseudo_labeler": pseudo_labeler,
+               "labeler": progress, "scaler": scaler,
+               "is_labeled": common.MustMatch(is_labeled, "--labeled-list/--labeled-fraction")}
+    resumed = common.restart_from_checkpoint(args, SCRIPT, RESUMABLE, to_save)
+    start_epoch, start_iter, metrics = resumed["epoch"], resumed["iteration"], resumed["metrics"]
+    tensorboard = (common.TensorboardLogger(args.output_dir, start_epoch) if args.tensorboard
+                   else None)
+    if resumed["log_record"] is not None:  # a kill may have cut that epoch's tail: write it again
+        common.write_epoch_outputs(args, SCRIPT, start_epoch, resumed["log_record"], online,
+                                   target_encoder, encoder.backbone, tensorboard)
+    if start_epoch >= args.epochs:
+        return
+    if common.is_main_process():
         num_labeled = int(is_labeled.sum())
         print(f"{SCRIPT}: {args.arch}, {len(dataset)} images ({num_labeled} labeled, "
-              f"{num_labeled / len(dataset):.2%}), {num_classes} classes, {run.world_size} "
-              f"process(es) on {run.device}, global batch {args.batch_size}, "
-              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
-              f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / 2**20:.1f} "
-              f"MiB), labeled cache {cache_size}, k={args.topk}, threshold {args.threshold}, "
-              f"{args.augmentation}, amp {common.amp_name(run.autocast_dtype)}, {run.workers} "
-              f"loader workers", flush=True)
+              f"{num_labeled / len(dataset):.2%}), {num_classes} classes, "
+              f"{common.get_world_size()} process(es) on {device}, global batch "
+              f"{args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} "
+              f"x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), labeled cache {cache_size}, "
+              f"k={args.topk}, threshold {args.threshold}, {args.augmentation}, amp "
+              f"{common.amp_name(autocast_dtype)}, {workers} loader workers", flush=True)
 
-    online_ddp = run.ddp(online)
-    true_labels, is_labeled = true_labels.to(run.device), is_labeled.to(run.device)
-    run.start_epoch_loop()
+    # ============ training ============
+    online_ddp = common.ddp(online)
+    true_labels, is_labeled = true_labels.to(device), is_labeled.to(device)
+    stopper = common.TrainingStopper(args, SCRIPT, device, to_save)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
+        logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]",
+                                     sampler.iters_per_epoch, args.batch_size, args.print_freq,
+                                     start_iter, metrics)
         start = time.time()
-        stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
-                                memory_bank, pseudo_labeler, cache, progress, true_labels,
-                                is_labeled,
-                                lr_schedule, start_iter)
+        stats = train_one_epoch(args, epoch, loader, logger, online_ddp, target_encoder, optimizer,
+                                lr_schedule, memory_bank, pseudo_labeler, cache, progress,
+                                true_labels, is_labeled, device, autocast_dtype, scaler, stopper)
         if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
             break
-        start_iter = 0
-        if run.rank == 0:
+        start_iter, metrics = 0, None
+        if common.is_main_process():
             accuracy = stats["pseudo_accuracy"]
             print(f"epoch {epoch + 1}: pseudo-labels on unlabeled images: coverage "
                   f"{stats['pseudo_coverage']:.2%}, accuracy "
@@ -433,10 +452,14 @@ def main(args):
         record = {"epoch": epoch + 1, **stats,
                   "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
                   "epoch_seconds": round(time.time() - start, 1)}
-        run.end_epoch(epoch, record, encoder.backbone)
-        if run.should_stop_after_epoch(epoch):
+        # the epoch tail, in an order a kill at any point can repeat (see write_epoch_outputs)
+        common.run_knn_monitor(knn_monitor, epoch, encoder.backbone, record)
+        common.save_training_state(args, SCRIPT, epoch + 1, 0, to_save, log_record=record)
+        common.write_epoch_outputs(args, SCRIPT, epoch + 1, record, online, target_encoder,
+                                   encoder.backbone, tensorboard)
+        if stopper.after_epoch(epoch):
             break
-    run.finish()
+    common.finish_training(args, stopper, tensorboard)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import common
 
 SCRIPT = "train_cmsf_sup.py"
+RESUMABLE = common.RUNTIME_FLAGS  # the flags a resumed run may change
 
 
 def get_args_parser():
@@ -257,39 +258,38 @@ class XentNetwork(torch.nn.Sequential):
 
 # ---------------------------------------------------------------- training
 
-def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer, memory_bank,
-                    clean_labels,
-                    num_classes, lr_schedule, start_iter):
+def train_one_epoch(args, epoch, loader, logger, online, target_encoder, optimizer, lr_schedule,
+                    memory_bank, clean_labels, num_classes, device, autocast_dtype, scaler,
+                    stopper):
     """One epoch of CMSF-sup. Returns the epoch's averages, or None when the run must stop
     mid-epoch."""
     iters = loader.sampler.iters_per_epoch
-    logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]", iters, args.batch_size,
-                                 args.print_freq, start_iter, run.take_resumed_metrics())
+    channels_last = device.type == "cuda"  # GPU convolutions run faster in NHWC
     online_encoder = common.unwrap(online)[0]
-    for it, (views, labels, indices) in logger.log_every(loader, start_iter):
+    for it, (views, labels, indices) in logger.log_every(loader, logger.start_iter):
         step = epoch * iters + it
         common.set_lr(optimizer, lr_schedule[step])
-        target_view, query_view = common.prepare_views(views[:2], run.device, run.channels_last)
-        labels, indices = labels.to(run.device, non_blocking=True), indices.to(run.device,
+        target_view, query_view = common.prepare_views(views[:2], device, channels_last)
+        labels, indices = labels.to(device, non_blocking=True), indices.to(device,
                                                                                non_blocking=True)
 
         clean = clean_labels[indices]
         # the baseline: a linear classifier's cross-entropy on the same labels
         if args.loss == "xent":
-            with run.autocast():
+            with common.autocast(device, autocast_dtype):
                 logits = online(query_view)
             loss_per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
             purity = (logits.argmax(dim=1) == clean).float().mean()  # train accuracy, clean labels
-            counts = torch.zeros(1, device=run.device)
+            counts = torch.zeros(1, device=device)
         else:
-            with run.autocast():
+            with common.autocast(device, autocast_dtype):
                 query = online(query_view)
             query = F.normalize(query.float(), dim=1)
 
             with torch.no_grad():
                 common.ema_update_(target_encoder, online_encoder, args.ema)
                 shuffled, unshuffle_index = common.batch_shuffle(target_view, args.seed, step)
-                with run.autocast():
+                with common.autocast(device, autocast_dtype):
                     target = target_encoder(shuffled)
                 target = common.batch_unshuffle(F.normalize(target.float(), dim=1), unshuffle_index)
                 # Enqueue first (with the TRAINING labels): t is then its own nearest same-label
@@ -310,14 +310,14 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                                        clean, valid)
         loss = loss_per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(optimizer)
-        run.scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
         logger.update(loss=loss, purity=purity, neighbours=counts.float().mean())
         logger.step(it, lr=lr_schedule[step])
         if ((it + 1) % args.print_freq == 0 or it + 1 == iters) and args.loss == "cmsf":
-            all_slots = torch.arange(args.mem_bank_size, device=run.device)
+            all_slots = torch.arange(args.mem_bank_size, device=device)
             bank_clean = clean_labels_of_slots(memory_bank, all_slots, clean_labels)
             logger.update(**common.neighbour_diagnostics(target, clean, memory_bank.embeddings,
                                                          bank_clean,
@@ -325,78 +325,101 @@ def train_one_epoch(args, run, epoch, loader, online, target_encoder, optimizer,
                                                          key_labels=memory_bank.labels))
         if (it + 1) % args.print_freq == 0 or it + 1 == iters:
             common.check_finite(loss, epoch, it)
-        action = run.poll(it, iters)  # SLURM's signal, --checkpoint-minutes, --stop-after-iters
-        if action and run.save_mid_epoch(action, epoch, it, loss, logger):
+        # SLURM's signal, --checkpoint-minutes, --stop-after-iters
+        if stopper.checkpoint_if_due(it, iters, epoch, loss, logger):
             return None
     return logger.averages()
 
 
 def main(args):
-    # distributed init, device, precision; checks
-    run = common.TrainingRun(args, SCRIPT, min_topk=0)
+    device = common.start_training(args, min_topk=0)  # distributed init, checks, seeds, provenance
+    autocast_dtype = common.amp_dtype(args.amp, device)  # None: float32
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    workers = common.default_workers(args.workers)
 
-    # ---- data: the loader yields the TRAINING (possibly noisy) labels; clean ones are kept for
-    # purity
+    # ============ data: the loader yields the TRAINING (possibly noisy) labels; the clean ones
+    # are kept for purity ============
     base, num_classes = common.build_dataset(args.dataset, args.data, "train", args.download,
                                              args.image_size, args.synthetic_images)
-    run.fit_to_dataset(len(base), args)
+    local_batch_size = common.check_dataset_size(len(base), args, common.get_world_size())
     clean_labels, train_labels = training_labels(args, base, num_classes)
-    views = common.two_view_transform(args.augmentation, args.image_size, run.augment_on_device)
+    views = common.two_view_transform(args.augmentation, args.image_size,
+                                      common.resolve_on_device(args.augment_on, device))
     dataset = common.IndexedDataset(base, views, labels=train_labels)
     sampler = common.ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader = common.make_train_loader(dataset, sampler, run.workers, run.device)
+    loader = common.make_train_loader(dataset, sampler, workers, device)
 
-    # ---- networks: online = encoder + predictor (trained), target = EMA copy of the encoder
+    # ============ networks: online = encoder + predictor, target = EMA copy of the encoder =====
     online, target_encoder = common.build_online_and_target(args.arch, args.image_size, args.seed,
-                                                            run.device, run.channels_last,
-                                                            args.bn_batch_size,
-                                                            run.local_batch_size)
+                                                            device, device.type == "cuda",
+                                                            args.bn_batch_size, local_batch_size)
     encoder = online[0]
     if args.loss == "xent":  # a linear classifier replaces the predictor; the projection is unused
-        online[1] = torch.nn.Linear(encoder.feat_dim, num_classes).to(run.device)
+        online[1] = torch.nn.Linear(encoder.feat_dim, num_classes).to(device)
         encoder.projection.requires_grad_(False)
         online = XentNetwork(*online)
     memory_bank = common.MemoryBank(args.mem_bank_size, encoder.embed_dim,
-                                    getattr(torch, args.bank_dtype), seed=args.seed).to(run.device)
+                                    getattr(torch, args.bank_dtype), seed=args.seed).to(device)
     optimizer, lr_schedule = common.sgd_with_cosine_schedule(online.parameters(), args,
                                                              sampler.iters_per_epoch)
+    knn_monitor = common.knn_monitor_from_args(args, base, num_classes, device, workers,
+                                               autocast_dtype)
 
-    run.track(online=online, target=target_encoder, optimizer=optimizer, memory_bank=memory_bank)
-    run.track_constant("train_labels", train_labels, "--label-noise/--noisy-labels")
-    run.add_knn_monitor(args, base, num_classes)
-    start_epoch, start_iter = run.resume(args.resume)
-    if run.rank == 0 and not run.already_complete:
+    # ============ resume: what a checkpoint holds ============
+    to_save = {"online": online, "target": target_encoder, "optimizer": optimizer,
+               "memory_bank": memory_bank, "scaler": scaler,
+               "train_labels": common.MustMatch(train_labels, "--label-noise/--noisy-labels")}
+    resumed = common.restart_from_checkpoint(args, SCRIPT, RESUMABLE, to_save)
+    start_epoch, start_iter, metrics = resumed["epoch"], resumed["iteration"], resumed["metrics"]
+    tensorboard = (common.TensorboardLogger(args.output_dir, start_epoch) if args.tensorboard
+                   else None)
+    if resumed["log_record"] is not None:  # a kill may have cut that epoch's tail: write it again
+        common.write_epoch_outputs(args, SCRIPT, start_epoch, resumed["log_record"], online,
+                                   target_encoder, encoder.backbone, tensorboard)
+    if start_epoch >= args.epochs:
+        return
+    if common.is_main_process():
         num_noisy = int((train_labels != clean_labels).sum())
         print(f"{SCRIPT}: {args.arch}, {len(dataset)} images, {num_classes} classes, "
-              f"{run.world_size} process(es) on {run.device}, global batch {args.batch_size}, "
-              f"{sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} x "
-              f"{encoder.embed_dim} {args.bank_dtype} ({memory_bank.embeddings.nbytes / 2**20:.1f} "
-              f"MiB), k={args.topk or 'all same-label'}, {args.augmentation}, amp "
-              f"{common.amp_name(run.autocast_dtype)}, {run.workers} loader workers", flush=True)
+              f"{common.get_world_size()} process(es) on {device}, global batch "
+              f"{args.batch_size}, {sampler.iters_per_epoch} it/epoch, bank {args.mem_bank_size} "
+              f"x {encoder.embed_dim} {args.bank_dtype} "
+              f"({memory_bank.embeddings.nbytes / 2**20:.1f} MiB), "
+              f"k={args.topk or 'all same-label'}, {args.augmentation}, amp "
+              f"{common.amp_name(autocast_dtype)}, {workers} loader workers", flush=True)
         print(f"noisy training labels: {num_noisy} of {len(train_labels)} "
               f"({num_noisy / len(train_labels):.2%})"
               + (f" from {args.noisy_labels}" if args.noisy_labels
                  else f", --label-noise {args.label_noise}"),
               flush=True)
 
-    online_ddp = run.ddp(online)
-    clean_labels = clean_labels.to(run.device)
-    run.start_epoch_loop()
+    # ============ training ============
+    online_ddp = common.ddp(online)
+    clean_labels = clean_labels.to(device)
+    stopper = common.TrainingStopper(args, SCRIPT, device, to_save)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
+        logger = common.MetricLogger(f"Epoch [{epoch + 1}/{args.epochs}]",
+                                     sampler.iters_per_epoch, args.batch_size, args.print_freq,
+                                     start_iter, metrics)
         start = time.time()
-        stats = train_one_epoch(args, run, epoch, loader, online_ddp, target_encoder, optimizer,
-                                memory_bank, clean_labels, num_classes, lr_schedule, start_iter)
+        stats = train_one_epoch(args, epoch, loader, logger, online_ddp, target_encoder, optimizer,
+                                lr_schedule, memory_bank, clean_labels, num_classes, device,
+                                autocast_dtype, scaler, stopper)
         if stats is None:  # stopped mid-epoch (--stop-after-iters); checkpoint written
             break
-        start_iter = 0
+        start_iter, metrics = 0, None
         record = {"epoch": epoch + 1, **stats,
                   "lr": float(lr_schedule[epoch * sampler.iters_per_epoch]),
                   "epoch_seconds": round(time.time() - start, 1)}
-        run.end_epoch(epoch, record, encoder.backbone)
-        if run.should_stop_after_epoch(epoch):
+        # the epoch tail, in an order a kill at any point can repeat (see write_epoch_outputs)
+        common.run_knn_monitor(knn_monitor, epoch, encoder.backbone, record)
+        common.save_training_state(args, SCRIPT, epoch + 1, 0, to_save, log_record=record)
+        common.write_epoch_outputs(args, SCRIPT, epoch + 1, record, online, target_encoder,
+                                   encoder.backbone, tensorboard)
+        if stopper.after_epoch(epoch):
             break
-    run.finish()
+    common.finish_training(args, stopper, tensorboard)
 
 
 if __name__ == "__main__":

@@ -233,16 +233,11 @@ def parse_dataset_names(text):
 
 # ---------------------------------------------------------------- data and splits
 
-def to_rgb(image):
-    # some Caltech101 / SUN397 images are grayscale or CMYK
-    return image.convert("RGB")
-
-
 def transfer_transform(image_size):
     """Resize(224, bicubic) + CenterCrop(224) (both scaled to --image-size), ImageNet
     normalisation."""
     return transforms.Compose([
-        to_rgb,
+        common.to_rgb,  # some Caltech101 / SUN397 images are grayscale or CMYK
         transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),

@@ -92,7 +92,7 @@ def main():
     points = blobs(args.points, args.dim, 2 * args.clusters, seed=0).to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads, bf16 matmul fast: " \
-        f"{common._bf16_matmul_is_fast('cpu')}"
+        f"{cmsf.bf16_matmul_is_fast('cpu')}"
     print(f"measured: {args.points} x {args.dim} into {args.clusters} clusters, {args.iters} Lloyd "
           f"rounds at most, on {where}")
     generator = torch.Generator(device=device).manual_seed(0)

@@ -6,8 +6,8 @@ Run directly (not collected by pytest):
   python tests/bench_search_precision.py --random 131072 512          # random unit vectors instead
 The queries are the bank's own filled rows, as in training, where the target t sits in the bank when
 it is searched. For each k it prints: the float32 search (common.knn_search's exact path) against a
-float64 brute force (rows with the same top-k set; rows differing beyond a tie; rows the bf16
-prefilter could not certify and searched again in float32), and the bf16 search (search_dtype
+float64 brute force (rows with the same top-k set; rows differing beyond a tie), and the bf16
+search (search_dtype
 bfloat16) against float32: rows with the same top-k set, mean overlap |A & B| / k, same nearest
 neighbour, and the mean float32 score lost by the bf16 choice (mean over the k chosen).
 """
@@ -29,20 +29,6 @@ def load_bank(path):
     bank = checkpoint["memory_bank"]
     filled = bank["indices"] >= 0
     return bank["embeddings"].float(), filled, checkpoint.get("script"), checkpoint.get("epoch")
-
-
-def count_float32_rescans():
-    """Wrap common._chunked_topk to count the rows the bf16 prefilter searches again in float32."""
-    rows = [0]
-    original = common._chunked_topk
-
-    def counting(queries, keys, k, chunk_size, query_labels, key_labels, dtype):
-        if dtype == torch.float32:
-            rows[0] += queries.shape[0]
-        return original(queries, keys, k, chunk_size, query_labels, key_labels, dtype)
-
-    common._chunked_topk = counting
-    return rows
 
 
 def set_overlap(a, b):
@@ -71,18 +57,14 @@ def main():
         queries = keys[filled][:args.max_queries]
         source = (f"{args.checkpoint} ({script}, after epoch {epoch}): bank {tuple(keys.shape)}, "
                   f"{int(filled.sum())} filled rows")
-    print(f"{source}; {queries.shape[0]} queries (bank rows); bf16 fast on this CPU: "
-          f"{common._bf16_matmul_is_fast('cpu')}")
-    rescanned = count_float32_rescans()
+    print(f"{source}; {queries.shape[0]} queries (bank rows)")
     exact64 = queries.double() @ keys.double().T
-    print("| k | fp32 = fp64 sets | fp32 non-tie diffs | fp32 rows rescanned | bf16 = fp32 sets "
+    print("| k | fp32 = fp64 sets | fp32 non-tie diffs | bf16 = fp32 sets "
           "| bf16 mean overlap | bf16 same nearest | fp32 score lost by bf16 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for k in args.topk:
         ref_sims, ref_idx = exact64.topk(k, dim=1)
-        rescanned[0] = 0
         sims32, idx32, _ = common.knn_search(queries, keys, k)
-        rescanned_rows = rescanned[0]
         same64 = set_overlap(idx32, ref_idx) == k
         # a row that differs from float64 must differ only by keys tied with the k-th score
         chosen64 = exact64.gather(1, idx32)
@@ -91,8 +73,7 @@ def main():
         overlap = set_overlap(idx16, idx32)
         same_nearest = (idx16[:, 0] == idx32[:, 0]).float().mean()
         lost = (exact64.gather(1, idx32).mean(1) - exact64.gather(1, idx16).mean(1)).mean()
-        q = queries.shape[0]
-        print(f"| {k} | {same64.float().mean():.4f} | {int(non_tie)} | {rescanned_rows} / {q} | "
+        print(f"| {k} | {same64.float().mean():.4f} | {int(non_tie)} | "
               f"{(overlap == k).float().mean():.4f} | {overlap.float().mean() / k:.4f} | {same_nearest:.4f} | "
               f"{lost:.2e} |")
 

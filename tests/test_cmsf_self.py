@@ -64,7 +64,8 @@ def test_two_queue_constraint_matches_brute_force():
         target, target_prev = unit(batch, dim, generator=generator), unit(batch, dim, generator=generator)
 
         candidates, candidates_valid, constrained, constrained_valid = cmsf.two_queue_constraint(
-            target.float(), target_prev.float(), memory_bank, previous_bank, k, k_prime)
+            target.float(), target_prev.float(), memory_bank.embeddings, previous_bank.embeddings,
+            previous_bank.labels, k, k_prime)
         assert constrained.shape == (batch, min(k, k_prime)) and constrained_valid.all()
         allowed = (previous_bank.labels == 0).nonzero().squeeze(1).tolist()
         for i in range(batch):
@@ -81,13 +82,13 @@ def test_two_queue_constraint_skips_slots_without_a_previous_visit():
     previous_bank.labels[[4, 11]] = 0
     target = unit(3, 8, generator=generator).float()
     candidates, candidates_valid, constrained, constrained_valid = cmsf.two_queue_constraint(
-        target, target, memory_bank, previous_bank, 5, 5)
+        target, target, memory_bank.embeddings, previous_bank.embeddings, previous_bank.labels, 5, 5)
     assert candidates_valid.sum(1).tolist() == [2, 2, 2] and constrained_valid.sum(1).tolist() == [2, 2, 2]
     assert all(set(row[valid].tolist()) == {4, 11} for row, valid in zip(constrained, constrained_valid))
 
 
 def simulate_training(num_images, batch, bank_size, dim, epochs, k, k_prime, seed=0):
-    """Run enqueue_and_find_neighbours over `epochs` shuffled epochs with a random target embedding per
+    """Run CMSFMemory.enqueue + neighbours over `epochs` shuffled epochs with a random target embedding per
     visit, and check every step against a float64 brute force built from the visit history alone:
     bank = the last M visits; M' = for each of them, the same image's visit before it."""
     generator = torch.Generator().manual_seed(seed)
@@ -105,9 +106,10 @@ def simulate_training(num_images, batch, bank_size, dim, epochs, k, k_prime, see
             indices = order[step * batch:(step + 1) * batch]
             target = unit(batch, dim, generator=generator)
             labels = indices % 3
-            found = cmsf.enqueue_and_find_neighbours(target.float(), labels, indices, memory_bank, previous_bank,
-                                                     store, None, args.constraint, args.topk, args.topk_prime,
-                                                     args.search_dtype_obj)
+            memory = cmsf.CMSFMemory(args.constraint, memory_bank, store, args.topk, args.topk_prime,
+                                     args.search_dtype_obj, previous_bank=previous_bank)
+            previous = memory.enqueue(target.float(), labels, indices)
+            found = memory.neighbours(target.float(), indices, previous)
             first_entry = len(history)
             for i, image in enumerate(indices.tolist()):
                 history.append((image, target[i], last_visit.get(image)))
@@ -185,14 +187,14 @@ def test_cmsf_loss_matches_reference():
         assert abs(loss[i].item() - sum(per_crop).item() / crops) < 1e-5
 
 
-def test_rank_in_unconstrained_order_matches_brute_force():
+def test_neighbour_ranks_match_brute_force():
     generator = torch.Generator().manual_seed(6)
     target, bank = unit(5, 8, generator=generator), unit(30, 8, generator=generator)
     slots = torch.randint(0, 30, (5, 3), generator=generator)
     valid = torch.rand(5, 3, generator=generator) < 0.7
     sims = target @ bank.T
     ranks = [int((sims[i] > sims[i, slots[i, j]]).sum()) for i in range(5) for j in range(3) if valid[i, j]]
-    mean_rank = cmsf.rank_in_unconstrained_order(target.float(), bank.float(), slots, valid, chunk_size=7)
+    mean_rank = (common.neighbour_ranks(target.float(), bank.float(), slots, chunk_size=7) - 1)[valid].float().mean()
     assert mean_rank.item() == pytest.approx(sum(ranks) / len(ranks))
 
 
@@ -248,9 +250,9 @@ def test_kmeans_constraint_matches_brute_force():
     for step in range(6):
         indices = torch.randperm(num_images, generator=generator)[:batch]
         target = unit(batch, dim, generator=generator)
-        found = cmsf.enqueue_and_find_neighbours(target.float(), indices % 3, indices, memory_bank, None, store,
-                                                 cluster_of_image, args.constraint, args.topk, args.topk_prime,
-                                                 args.search_dtype_obj)
+        memory = cmsf.CMSFMemory(args.constraint, memory_bank, store, args.topk, args.topk_prime,
+                                 args.search_dtype_obj, cluster_of_image=cluster_of_image)
+        found = memory.neighbours(target.float(), indices, memory.enqueue(target.float(), indices % 3, indices))
         filled = (memory_bank.indices >= 0).nonzero().squeeze(1).tolist()
         for i, image in enumerate(indices.tolist()):
             sims = (memory_bank.embeddings.double() @ target[i]).tolist()

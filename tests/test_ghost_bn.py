@@ -16,6 +16,18 @@ import common
 from conftest import REPO_ROOT, free_port
 
 
+def revert_batchnorm(module):
+    """Inverse of convert_batchnorm (in place; returns it): plain nn.BatchNorm1d/2d modules sharing
+    the same parameters and buffers, e.g. before exporting a backbone to other code."""
+    def plain(ghost):
+        bn = ghost.plain_class(ghost.num_features, ghost.eps, ghost.momentum, ghost.affine,
+                               ghost.track_running_stats, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(bn, name, getattr(ghost, name))
+        return bn.train(ghost.training)
+    return common._replace_batchnorm(module, plain, (common.GhostBatchNorm,))
+
+
 def random_batchnorm(kind, channels, seed):
     """A float64 BatchNorm with random affine parameters and running statistics."""
     generator = torch.Generator().manual_seed(seed)
@@ -73,7 +85,7 @@ def test_groups_of_64_equal_four_batchnorms(kind, shape):
     torch.testing.assert_close(ghost.running_var, ref_var, rtol=0, atol=1e-12)
     assert ghost.num_batches_tracked.item() == 1
     # evaluation mode: the running statistics, exactly as a plain BatchNorm holding them
-    plain = common.revert_batchnorm(copy.deepcopy(ghost)).eval()
+    plain = revert_batchnorm(copy.deepcopy(ghost)).eval()
     assert type(plain) is kind
     torch.testing.assert_close(ghost.eval()(x), plain(x), rtol=0, atol=0)
 
@@ -133,7 +145,7 @@ def test_export_stays_a_torchvision_state_dict(tmp_path):
     other, _ = common.build_backbone("resnet18", 224)
     common.convert_batchnorm(other, 32, local_batch_size=64, world_size=1)
     common.load_backbone_weights(other, str(path))
-    common.revert_batchnorm(other)
+    revert_batchnorm(other)
     assert not any(isinstance(m, common.GhostBatchNorm) for m in other.modules())
     for name, value in backbone.state_dict().items():
         assert torch.equal(other.state_dict()[name], value), name

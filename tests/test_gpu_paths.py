@@ -194,11 +194,8 @@ def test_host_syncs_sees_each_kind_of_sync():
     assert torch.Tensor.item is not None and x.sum().item() == 15.0  # patches removed
 
 
-@pytest.mark.parametrize("path", ["float32", "bf16-prefilter", "bfloat16-scores", "labels",
-                                  "labels-prefilter"])
-def test_knn_search_has_no_host_sync(monkeypatch, path):
-    monkeypatch.setattr(common, "_bf16_matmul_is_fast", lambda device_type: "prefilter" in path)
-    monkeypatch.setattr(common, "_host_waits_for", lambda device_type: True)  # the GPU code path
+@pytest.mark.parametrize("path", ["float32", "bfloat16-scores", "labels"])
+def test_knn_search_has_no_host_sync(path):
     queries, keys = unit(16, 32, seed=1), unit(700, 32, seed=2)
     labels = torch.arange(16) % 4 - 1 if "labels" in path else None
     key_labels = torch.arange(700) % 3 if "labels" in path else None
@@ -213,35 +210,6 @@ def test_knn_search_has_no_host_sync(monkeypatch, path):
         exact = exact.masked_fill(~allowed, -math.inf)
     if search_dtype is None:
         assert torch.equal(idx, exact.topk(5, dim=1).indices) and valid.all()
-
-
-def test_prefilter_rescans_uncertain_rows_without_host_sync(monkeypatch):
-    """Rows the bf16 bound cannot certify (near-ties finer than bf16) are fixed by the fixed-size
-    float32 rescan, without a host sync (the GPU code path); certified rows are left as they are."""
-    monkeypatch.setattr(common, "_bf16_matmul_is_fast", lambda device_type: True)
-    monkeypatch.setattr(common, "_host_waits_for", lambda device_type: True)
-    d, gen = 16, torch.Generator().manual_seed(3)
-    close = 0.5 + 1.5e-5 * torch.arange(1, 101, dtype=torch.float64)  # one bf16 value: 0.5
-    first = torch.cat([close, -torch.rand(300, generator=gen, dtype=torch.float64)])
-    rest = F.normalize(torch.randn(400, d - 1, generator=gen, dtype=torch.float64), dim=1)
-    keys = torch.cat([first.unsqueeze(1), (1 - first ** 2).sqrt().unsqueeze(1) * rest], dim=1)
-    keys = keys.float()
-    uncertain_query = F.one_hot(torch.tensor([0]), d).float()  # its bf16 scores all tie at 0.5
-    queries = torch.cat([uncertain_query, unit(7, d, seed=4)])
-    rescanned, chunked_topk = [], common._chunked_topk
-
-    def counting(queries, keys, k, chunk_size, query_labels, key_labels, dtype):
-        if dtype == torch.float32:
-            rescanned.append(queries.shape[0])
-        return chunked_topk(queries, keys, k, chunk_size, query_labels, key_labels, dtype)
-
-    monkeypatch.setattr(common, "_chunked_topk", counting)
-    with host_syncs() as syncs:
-        sims, idx, valid = common.knn_search(queries, keys, 5, chunk_size=128)
-    assert syncs == [] and rescanned == [2]  # a fixed quarter of the 8 rows, whatever the data
-    exact = (queries.double() @ keys.double().T).topk(5, dim=1)
-    assert torch.equal(idx, exact.indices) and valid.all()
-    torch.testing.assert_close(sims.double(), exact.values, atol=1e-6, rtol=0)
 
 
 def test_batch_shuffle_draws_on_the_device_without_host_sync(monkeypatch):

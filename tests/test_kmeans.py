@@ -19,7 +19,7 @@ from kmeans_reference import blobs, inertia, reference_spherical_kmeans
 @pytest.fixture(params=["float32", "bf16"])
 def assignment_precision(request, monkeypatch):
     """Run on the float32 path and on the bf16 path a GPU takes (slow but correct on a CPU)."""
-    monkeypatch.setattr(common, "_bf16_matmul_is_fast", lambda device_type: request.param == "bf16")
+    monkeypatch.setattr(cmsf, "bf16_matmul_is_fast", lambda device_type: request.param == "bf16")
     return request.param
 
 

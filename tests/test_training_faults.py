@@ -181,9 +181,9 @@ def test_finished_run_says_complete(tmp_path, run_in_progress, monkeypatch, caps
 # ---------------------------------------------------------------- kill -9 in the epoch tail
 
 KILL_AT = {  # the first call of this function (in epoch 1's tail) kills the process with SIGKILL
-    "after checkpoint.pth": "common.TrainingRun._write_epoch_outputs",
+    "after checkpoint.pth": "common.write_epoch_outputs",
     "after the epoch weights": "common.append_json_log",
-    "after the log line": "common.TrainingRun.should_stop_after_epoch",
+    "after the log line": "common.TrainingStopper.after_epoch",
 }
 KILLER = """
 import os, runpy, signal, sys
