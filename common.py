@@ -1038,45 +1038,10 @@ def normalized_tensor(image):
     return (pixels.float() - mean) / std
 
 
-# Layout of the per-view parameter vector a loader worker ships for the two-stage path.
-PARAM_JITTER, PARAM_ORDER, PARAM_FACTORS, PARAM_GRAYSCALE, PARAM_SIGMA = (
-    0, slice(1, 5), slice(5, 9), 9, 10)
-
-
 def image_pixels(image):
     """PIL RGB image -> uint8 (H, W, 3) tensor: one copy (PIL stores RGB as 4-byte pixels), made
     once per image and shared by all its views (MultiViewTransform)."""
     return torch.from_numpy(np.array(image))
-
-
-def resized_crop_pixels(pixels, box, size):
-    """Crop box (left, top, right, bottom) of uint8 (H, W, 3) pixels, resized to (size, size) with
-    antialiased bilinear interpolation: torchvision's tensor RandomResizedCrop, which on uint8
-    channels-last pixels runs torch's vectorized integer kernel, ~2x faster than PIL's resize on one
-    core. It reads only the crop (PIL's resize with box= also reads the neighbours just outside it),
-    so border pixels differ from the PIL path by a few levels and the interior by <= 1 (rounding).
-    """
-    left, top, right, bottom = box
-    crop = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), a view
-    # a dense channels-last copy takes the uint8 kernel (measured 0.14 ms vs 0.23 ms on the strided
-    # view, 0.33 ms channels-first) and makes the output channels-last, i.e. a dense (H, W, 3)
-    crop = crop.contiguous(memory_format=torch.channels_last)
-    view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True)
-    return view[0].permute(1, 2, 0)  # channels-last output: (size, size, 3) without a copy
-
-
-def view_payload(view, params):
-    """What a loader worker ships for the two-stage path: the crop as uint8 (H, W, 3) (stacked, it
-    is a channels_last batch for free) and the colour parameters as one float64 vector (one tensor,
-    not six: building small tensors is a visible part of the worker's time). `view` is a uint8
-    (H, W, 3) tensor or a PIL image."""
-    vector = np.empty(11)
-    vector[PARAM_JITTER], vector[PARAM_ORDER] = params["jitter"], params["order"]
-    vector[PARAM_FACTORS] = params["factors"]
-    vector[PARAM_GRAYSCALE], vector[PARAM_SIGMA] = params["grayscale"], params["sigma"]
-    pixels = view if isinstance(view, torch.Tensor) else torch.from_numpy(np.array(view))
-    return {"pixels": pixels, "params": torch.from_numpy(vector)}
 
 
 class ViewAugmentation:
@@ -1165,126 +1130,6 @@ def two_view_transform(augmentation, image_size, on_device=False):
     make = {"weak": weak_augmentation, "strong": strong_augmentation}
     return MultiViewTransform([make[target_name](image_size, on_device=on_device),
                                make[query_name](image_size, on_device=on_device)])
-
-
-# ---- the device half of the two-stage pipeline: batched ops on float (B, 3, H, W) in [0, 1] with
-# the semantics of torchvision's tensor ops (F.adjust_*, rgb_to_grayscale, gaussian_blur).
-
-def grey_of(images):
-    """Luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W)."""
-    return (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
-
-
-def adjust_brightness(images, factor):
-    return (images * factor.view(-1, 1, 1, 1)).clamp(0, 1)
-
-
-def adjust_contrast(images, factor):
-    """Blend with the image's mean grey level."""
-    mean = grey_of(images).mean(dim=(1, 2, 3), keepdim=True)
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * images + (1 - factor) * mean).clamp(0, 1)
-
-
-def adjust_saturation(images, factor):
-    """Blend with the grey version of each pixel."""
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * images + (1 - factor) * grey_of(images)).clamp(0, 1)
-
-
-def adjust_hue(images, shift):
-    """Rotate the hue by `shift` turns (in [-0.5, 0.5]) in HSV space, per image."""
-    red, green, blue = images.unbind(1)
-    value, _ = images.max(dim=1)
-    chroma = value - images.min(dim=1).values
-    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(value == red, (green - blue) / safe_chroma,
-                      torch.where(value == green, 2 + (blue - red) / safe_chroma,
-                                  4 + (red - green) / safe_chroma))
-    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))  # grey pixels: hue 0 (irrelevant)
-    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB: channel n (R: 5, G: 3, B: 1) = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H)
-    # mod 6
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + hue * 6) % 6
-        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, dim=1)
-
-
-# torchvision's ids
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def gaussian_blur(images, sigma, kernel_size):
-    """Separable Gaussian blur with a per-image sigma (B,), reflect padding and torchvision's kernel
-    (taps at -k//2 .. k//2, normalized to sum 1); one grouped convolution per direction."""
-    batch, channels, height, width = images.shape
-    half = kernel_size // 2
-    taps = torch.arange(-half, half + 1, device=images.device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1).float()) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
-    planes = F.pad(images.reshape(1, batch * channels, height, width), (half, half, half, half),
-                   mode="reflect")
-    planes = F.conv2d(planes, kernel.view(-1, 1, 1, kernel_size).to(images.dtype),
-                      groups=batch * channels)
-    planes = F.conv2d(planes, kernel.view(-1, 1, kernel_size, 1).to(images.dtype),
-                      groups=batch * channels)
-    return planes.view(batch, channels, height, width)
-
-
-def _rows(mask, device):
-    """Indices of the True rows of a CPU mask, on `device` (computed on the CPU: no device sync)."""
-    rows = torch.nonzero(mask).flatten()
-    return rows, rows.to(device, non_blocking=True)
-
-
-def augment_on_device(payload, device, dtype=torch.float32):
-    """The device half of the two-stage pipeline for one view of a batch (a collated view_payload):
-    colour jitter in each image's random op order, grayscale, blur, ImageNet normalization.
-    Each op runs once on exactly the images that use it, gathered by index."""
-    images = payload["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
-    params = payload["params"].cpu()
-    jitter, order, factors = (params[:, PARAM_JITTER] > 0, params[:, PARAM_ORDER].long(),
-                              params[:, PARAM_FACTORS])
-    for step in range(4):
-        for op, adjust in enumerate(JITTER_OPS):
-            rows, rows_on_device = _rows(jitter & (order[:, step] == op), device)
-            if len(rows):
-                factor = factors[rows, op].float().to(device, non_blocking=True)
-                images.index_copy_(0, rows_on_device,
-                                   adjust(images.index_select(0, rows_on_device), factor))
-    rows, rows_on_device = _rows(params[:, PARAM_GRAYSCALE] > 0, device)
-    if len(rows):
-        grey = grey_of(images.index_select(0, rows_on_device)).expand(-1, 3, -1, -1)
-        images.index_copy_(0, rows_on_device, grey)
-    sigma = params[:, PARAM_SIGMA]
-    rows, rows_on_device = _rows(sigma > 0, device)
-    if len(rows):
-        blurred = gaussian_blur(images.index_select(0, rows_on_device),
-                                sigma[rows].float().to(device, non_blocking=True),
-                                blur_kernel_size(images.shape[-1]))
-        images.index_copy_(0, rows_on_device, blurred)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return ((images - mean) / std).to(dtype)
-
-
-def prepare_views(views, device, channels_last, dtype=torch.float32):
-    """What the DataLoader yields as `views` (one entry per view: a normalized float batch from the
-    per-image path, or a collated view_payload from the two-stage path) -> float batches on
-    `device`, augmented and normalized, in `dtype`, channels_last if asked. Copies are
-    non_blocking."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    prepared = []
-    for view in views:
-        if isinstance(view, dict):
-            view = augment_on_device(view, device, dtype)
-        else:
-            view = view.to(device, non_blocking=True).to(dtype)
-        prepared.append(view.contiguous(memory_format=memory_format))
-    return prepared
 
 
 AUGMENT_ON_CHOICES = ("auto", "loader", "device")
@@ -2731,3 +2576,177 @@ class SyntheticShapes(torch.utils.data.Dataset):
         label = self.targets[index]
         pixels = render_synthetic_image(rng, self.classes[label], self.image_size)
         return Image.fromarray(pixels), label
+
+
+# ============ two-stage augmentation, the device half ==========================================
+# --augment-on device: a loader worker only decodes, crops and flips (ViewAugmentation's
+# crop_and_flip) and ships uint8 pixels + the view's drawn parameters; the colour ops of the same
+# recipe (the JITTER_* / GRAYSCALE_P / BLUR_* constants, drawn by draw_view_params) then run batched
+# on the training device. An augmentation change touches draw_view_params, apply_colour_pil
+# (per-image path) and augment_on_device (this block), and VIEW_PARAM_FIELDS for a new parameter.
+
+# The colour parameters of a view (draw_view_params' dict) as the float vector a loader worker
+# ships: (name, width) in order. The PARAM_* positions follow from it.
+VIEW_PARAM_FIELDS = (("jitter", 1), ("order", 4), ("factors", 4), ("grayscale", 1), ("sigma", 1))
+
+
+def _field_positions(fields):
+    positions, start = {}, 0
+    for name, width in fields:
+        positions[name] = start if width == 1 else slice(start, start + width)
+        start += width
+    return positions, start
+
+
+VIEW_PARAM_POSITIONS, VIEW_PARAM_WIDTH = _field_positions(VIEW_PARAM_FIELDS)
+PARAM_JITTER, PARAM_ORDER, PARAM_FACTORS, PARAM_GRAYSCALE, PARAM_SIGMA = (
+    VIEW_PARAM_POSITIONS[name] for name, _ in VIEW_PARAM_FIELDS)
+
+
+def resized_crop_pixels(pixels, box, size):
+    """Crop box (left, top, right, bottom) of uint8 (H, W, 3) pixels, resized to (size, size) with
+    antialiased bilinear interpolation: torchvision's tensor RandomResizedCrop, which on uint8
+    channels-last pixels runs torch's vectorized integer kernel, ~2x faster than PIL's resize on one
+    core. It reads only the crop (PIL's resize with box= also reads the neighbours just outside it),
+    so border pixels differ from the PIL path by a few levels and the interior by <= 1 (rounding).
+    """
+    left, top, right, bottom = box
+    crop = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w), a view
+    # a dense channels-last copy takes the uint8 kernel (measured 0.14 ms vs 0.23 ms on the strided
+    # view, 0.33 ms channels-first) and makes the output channels-last, i.e. a dense (H, W, 3)
+    crop = crop.contiguous(memory_format=torch.channels_last)
+    view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True)
+    return view[0].permute(1, 2, 0)  # channels-last output: (size, size, 3) without a copy
+
+
+def view_payload(view, params):
+    """What a loader worker ships for the two-stage path: the crop as uint8 (H, W, 3) (stacked, it
+    is a channels_last batch for free) and the colour parameters as one float64 vector (one tensor,
+    not six: building small tensors is a visible part of the worker's time). `view` is a uint8
+    (H, W, 3) tensor or a PIL image."""
+    vector = np.empty(VIEW_PARAM_WIDTH)
+    for name, position in VIEW_PARAM_POSITIONS.items():
+        vector[position] = params[name]
+    pixels = view if isinstance(view, torch.Tensor) else torch.from_numpy(np.array(view))
+    return {"pixels": pixels, "params": torch.from_numpy(vector)}
+
+
+# Batched ops on float (B, 3, H, W) in [0, 1] with the semantics of torchvision's tensor ops
+# (F.adjust_*, rgb_to_grayscale, gaussian_blur).
+
+def grey_of(images):
+    """Luma with torchvision's weights: (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
+
+
+def adjust_brightness(images, factor):
+    return (images * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(images, factor):
+    """Blend with the image's mean grey level."""
+    mean = grey_of(images).mean(dim=(1, 2, 3), keepdim=True)
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(images, factor):
+    """Blend with the grey version of each pixel."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * grey_of(images)).clamp(0, 1)
+
+
+def adjust_hue(images, shift):
+    """Rotate the hue by `shift` turns (in [-0.5, 0.5]) in HSV space, per image."""
+    red, green, blue = images.unbind(1)
+    value, _ = images.max(dim=1)
+    chroma = value - images.min(dim=1).values
+    saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), torch.zeros_like(value))
+    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(value == red, (green - blue) / safe_chroma,
+                      torch.where(value == green, 2 + (blue - red) / safe_chroma,
+                                  4 + (red - green) / safe_chroma))
+    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))  # grey pixels: hue 0 (irrelevant)
+    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB: channel n (R: 5, G: 3, B: 1) = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H)
+    # mod 6
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + hue * 6) % 6
+        channels.append(value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, dim=1)
+
+
+# torchvision's ids
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """Separable Gaussian blur with a per-image sigma (B,), reflect padding and torchvision's kernel
+    (taps at -k//2 .. k//2, normalized to sum 1); one grouped convolution per direction."""
+    batch, channels, height, width = images.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1).float()) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    planes = F.pad(images.reshape(1, batch * channels, height, width), (half, half, half, half),
+                   mode="reflect")
+    planes = F.conv2d(planes, kernel.view(-1, 1, 1, kernel_size).to(images.dtype),
+                      groups=batch * channels)
+    planes = F.conv2d(planes, kernel.view(-1, 1, kernel_size, 1).to(images.dtype),
+                      groups=batch * channels)
+    return planes.view(batch, channels, height, width)
+
+
+def _rows(mask, device):
+    """Indices of the True rows of a CPU mask, on `device` (computed on the CPU: no device sync)."""
+    rows = torch.nonzero(mask).flatten()
+    return rows, rows.to(device, non_blocking=True)
+
+
+def augment_on_device(payload, device, dtype=torch.float32):
+    """The device half of the two-stage pipeline for one view of a batch (a collated view_payload):
+    colour jitter in each image's random op order, grayscale, blur, ImageNet normalization.
+    Each op runs once on exactly the images that use it, gathered by index."""
+    images = payload["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
+    params = payload["params"].cpu()
+    jitter, order, factors = (params[:, PARAM_JITTER] > 0, params[:, PARAM_ORDER].long(),
+                              params[:, PARAM_FACTORS])
+    for step in range(4):
+        for op, adjust in enumerate(JITTER_OPS):
+            rows, rows_on_device = _rows(jitter & (order[:, step] == op), device)
+            if len(rows):
+                factor = factors[rows, op].float().to(device, non_blocking=True)
+                images.index_copy_(0, rows_on_device,
+                                   adjust(images.index_select(0, rows_on_device), factor))
+    rows, rows_on_device = _rows(params[:, PARAM_GRAYSCALE] > 0, device)
+    if len(rows):
+        grey = grey_of(images.index_select(0, rows_on_device)).expand(-1, 3, -1, -1)
+        images.index_copy_(0, rows_on_device, grey)
+    sigma = params[:, PARAM_SIGMA]
+    rows, rows_on_device = _rows(sigma > 0, device)
+    if len(rows):
+        blurred = gaussian_blur(images.index_select(0, rows_on_device),
+                                sigma[rows].float().to(device, non_blocking=True),
+                                blur_kernel_size(images.shape[-1]))
+        images.index_copy_(0, rows_on_device, blurred)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(dtype)
+
+
+def prepare_views(views, device, channels_last, dtype=torch.float32):
+    """What the DataLoader yields as `views` (one entry per view: a normalized float batch from the
+    per-image path, or a collated view_payload from the two-stage path) -> float batches on
+    `device`, augmented and normalized, in `dtype`, channels_last if asked. Copies are
+    non_blocking."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    prepared = []
+    for view in views:
+        if isinstance(view, dict):
+            view = augment_on_device(view, device, dtype)
+        else:
+            view = view.to(device, non_blocking=True).to(dtype)
+        prepared.append(view.contiguous(memory_format=memory_format))
+    return prepared
