@@ -413,9 +413,12 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _update_running_stats(self, group_means, group_unbiased_vars, factor):
         if self.track_running_stats:
             with torch.no_grad():
-                self.running_mean.lerp_(group_means.mean(0).to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(group_unbiased_vars.mean(0).to(self.running_var.dtype),
-                                       factor)
+                # on .data: the fused path's batch_norm saved these buffers for backward, and a
+                # second forward in the same step (multi-crop) must not bump their version
+                self.running_mean.data.lerp_(group_means.mean(0).to(self.running_mean.dtype),
+                                             factor)
+                self.running_var.data.lerp_(
+                    group_unbiased_vars.mean(0).to(self.running_var.dtype), factor)
 
     def _forward_within_rank(self, x, factor):
         """Groups inside the batch: the groups become channels of one fused batch_norm call,
@@ -1280,8 +1283,9 @@ class PreemptionHandler:
     def poll(self, device, checkpoint_due=False):
         """Agree across ranks on (stop now, save now): any rank that got the signal, or whose clock
         says a periodic checkpoint is due, decides for all."""
+        # one process: the flags stay on the host (no GPU sync); several: all_reduce on the device
         flags = torch.tensor([float(self.signal_received is not None), float(checkpoint_due)],
-                             device=device)
+                             device=device if get_world_size() > 1 else "cpu")
         if get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, save = flags.tolist()
@@ -1423,7 +1427,10 @@ def sgd_with_cosine_schedule(parameters, args, iters_per_epoch):
     """The papers' optimiser: SGD with lr = --lr x global batch / 256, momentum, weight decay on all
     parameters, cosine decay stepped per epoch. Returns (optimizer, lr for every iteration)."""
     lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=args.wd)
+    parameters = list(parameters)
+    # fused on a GPU: one kernel, and GradScaler's inf check stays on the device (no .item())
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=args.wd,
+                                fused=parameters[0].is_cuda or None)
     return optimizer, cosine_schedule(lr, args.epochs, iters_per_epoch)
 
 
@@ -2731,9 +2738,19 @@ def augment_on_device(payload, device, dtype=torch.float32):
                                 sigma[rows].float().to(device, non_blocking=True),
                                 blur_kernel_size(images.shape[-1]))
         images.index_copy_(0, rows_on_device, blurred)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = _imagenet_mean_and_std_on(torch.device(device))
     return ((images - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_mean_and_std_on(device):
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, made once per process; on a GPU
+    copied from pinned memory, so the copy never makes the host wait."""
+    stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD]).view(2, 1, 3, 1, 1)
+    if device.type == "cuda":
+        stats = stats.pin_memory()
+    stats = stats.to(device, non_blocking=True)
+    return stats[0], stats[1]
 
 
 def prepare_views(views, device, channels_last, dtype=torch.float32):

@@ -232,3 +232,23 @@ def test_two_processes_equal_one_batch(two_ranks, case, global_batch, steps):
         for r in ranks:
             torch.testing.assert_close(r["buffers"][name], buffer, rtol=1e-9, atol=1e-10,
                                        msg=name)
+
+
+@pytest.mark.parametrize("bn_batch_size, local_batch_size", [(64, 16), (4, 8)])
+def test_two_forwards_before_one_backward(bn_batch_size, local_batch_size):
+    """Multi-crop runs the online network twice in one step (the large crops, then the local ones)
+    before one backward: the second forward's running-statistics update must not invalidate what
+    the first saved for backward, and the gradients equal those of plain BatchNorm (one group per
+    forward here: bn_batch_size >= the batch, or groups of 4 of 8)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)).double()
+    ghost = common.convert_batchnorm(copy.deepcopy(plain), bn_batch_size, local_batch_size)
+    x1 = torch.randn(local_batch_size, 6, dtype=torch.float64)
+    x2 = torch.randn(2 * local_batch_size, 6, dtype=torch.float64)
+    (ghost(x1).square().sum() + ghost(x2).square().sum()).backward()
+    group = min(bn_batch_size, local_batch_size)
+    reference = sum(plain(x.view(-1, group, 6)[i]).square().sum()
+                    for x in (x1, x2) for i in range(x.shape[0] // group))
+    reference.backward()
+    for ours, theirs in zip(ghost.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-9)
