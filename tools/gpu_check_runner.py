@@ -186,17 +186,28 @@ def run_one(plan):
     return result
 
 
+def run_ghost_bn(plan):
+    """gpu_check's 2-process Ghost BatchNorm row: both ranks (the second one forked)."""
+    import gpu_check
+    start, streams = time.perf_counter(), (sys.stdout, sys.stderr)
+    with open(plan["log"], "w") as log:
+        sys.stdout = sys.stderr = log
+        try:
+            code = gpu_check.ghost_bn_worker(plan["ghost_bn"], plan["device"], plan["port"])
+        finally:
+            sys.stdout, sys.stderr = streams
+    error = None if code == 0 else f"a rank failed: {gpu_check.last_error_line(plan['log'])}"
+    return {"name": plan["name"], "status": "passed" if code == 0 else "failed", "error": error,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def main():
-    if sys.argv[1] == "--ghost-bn":  # one rank of gpu_check's 2-process Ghost BatchNorm row
-        import gpu_check
-        gpu_check.ghost_bn_worker(sys.argv[2], sys.argv[3])
-        return 0
     with open(sys.argv[1]) as f:
         plans = json.load(f)
     rank = int(os.environ.get("RANK", 0))
     failed = False
     for plan in plans:
-        result = run_one(plan)
+        result = run_ghost_bn(plan) if "ghost_bn" in plan else run_one(plan)
         failed = failed or result["status"] != "passed"
         with open(plan["result"] + (f".rank{rank}" if rank else ""), "w") as f:
             json.dump(result, f)
