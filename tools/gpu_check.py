@@ -52,7 +52,7 @@ PRINT_FREQ = 10  # the trainers' preemption poll (a deliberate sync every 10 ite
 REAL_SIZES = dict(msf_bank=1_024_000, cmsf_bank=128_000, knn_database=1_281_167,
                   knn_queries=50_000, knn_dim=2048, kmeans_points=1_281_167, kmeans_dim=128,
                   kmeans_clusters=50_000, transfer_samples=40_000, transfer_dim=2048,
-                  transfer_classes=100, loader_images=64)
+                  transfer_classes=100, loader_images=256)
 MINIMUM_SIZES = dict(knn_queries=64, loader_images=8, transfer_samples=200,
                      transfer_classes=10)  # tiny runs still measure something
 DEFAULTS = {"cuda": dict(arch="resnet50", image_size=224, batch_size=256, steps=20, scale=1.0),
@@ -220,9 +220,9 @@ def ghost_bn_row(config, dtype):
     bn = bn.to(device)
     separate = [copy.deepcopy(bn) for _ in range(4)]
     ghost = common.convert_batchnorm(copy.deepcopy(bn), 64, local_batch_size=256, world_size=1)
-    x = torch.randn(256, 64, 14, 14, generator=generator).to(device, dtype)
+    x = torch.randn(256, 64, 7, 7, generator=generator).to(device, dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    upstream = torch.randn(256, 64, 14, 14, generator=generator).to(device, dtype)
+    upstream = torch.randn(256, 64, 7, 7, generator=generator).to(device, dtype)
     x_ghost, x_separate = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast(device.type, dtype=dtype):
         out = ghost(x_ghost)
@@ -385,7 +385,8 @@ def loader_row(config, deadline):
     folder = os.path.join(config.output_dir, "loader_jpegs")
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    count, batch_size = config.sizes["loader_images"], min(config.batch_size, 64)
+    count = config.sizes["loader_images"]
+    batch_size = min(config.batch_size, count)  # the device half sees the training batch
     views = common.two_view_transform("weak/strong", config.image_size, on_device=True)
     dataset = common.IndexedDataset(JpegFiles(write_jpegs(folder, count)), views)
     threads = torch.get_num_threads()
@@ -960,6 +961,8 @@ def main(argv=None):
         except Exception as e:  # any failure is the row's result; the others still run
             row.update(status="failed", error=one_line(e))
         row["seconds"] = round(time.monotonic() - start, 1)
+        if config.device.type == "cuda":
+            torch.cuda.empty_cache()  # the script rows' processes get the whole GPU
         write_report(config, rows)
     if time.monotonic() < deadline:
         run_script_rows(config, script_rows, rows, deadline)
