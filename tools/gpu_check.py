@@ -5,13 +5,15 @@ speed and memory in one table.
     python tools/gpu_check.py --time-limit 30        # the whole matrix
     python tools/gpu_check.py --device cpu           # tiny sizes on the CPU (checks the tool)
 
-Rows, in this order (each isolated: a row that fails says why in one line, the others still run):
-- Ghost BatchNorm: a batch of 256 in groups of 64 equals four BatchNorms (bf16, fp16), and with
-  two or more GPUs a 2-process NCCL run equals the 1-process run (float64, as the gloo test does);
+Rows (each isolated: a row that fails says why in one line, the others still run), in-process
+checks first, then script runs:
+- Ghost BatchNorm: a batch of 256 in groups of 64 equals four BatchNorms (bf16, fp16);
 - the loader: the two-stage pipeline's device half per batch, its worker side per core;
 - the k-NN search of eval_knn (1.28M x 2048 float16 random features, 50,000 queries), CMSF-KM's
   k-means (1.28M x 128 into 50,000 clusters, one epoch), transfer_eval's L-BFGS fit;
-- eval_knn.py, eval_linear.py (both protocols) for a few steps on synthetic images;
+- with two or more GPUs, a 2-process NCCL Ghost BatchNorm run equals the 1-process run (float64,
+  as the gloo test does; gloo on the CPU);
+- eval_knn.py, eval_linear.py (both protocols) for one epoch of a few steps on synthetic images;
 - every trainer variant for a few dozen steps at real scale (ResNet-50, 224 px, batch 256 per GPU
   or the largest that fits, banks of 1,024,000 (MSF) and 128,000 (CMSF)) on synthetic images or
   --data, each in bf16 (where native), fp16 (GradScaler) and fp32, channels_last; every variant
@@ -119,8 +121,9 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=None,
                    help="per GPU, halved on out-of-memory down to 64; default: 256 / 8")
     p.add_argument("--steps", type=int, default=None,
-                   help="training iterations per epoch of each row (the second half is timed); "
-                        "default: 20 / 2")
+                   help="training iterations per epoch of each row (the second half is timed; a "
+                        "multiple of 20 keeps the semi-supervised labeler round, a sync, on a "
+                        "print step); default: 20 / 2")
     p.add_argument("--scale", type=float, default=None,
                    help="multiplies banks, k-NN database, k-means points and transfer samples; "
                         "default: 1 / 0.00025")

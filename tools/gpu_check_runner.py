@@ -202,6 +202,10 @@ def run_ghost_bn(plan):
 
 
 def main():
+    if len(sys.argv) != 2 or not os.path.isfile(sys.argv[1]):
+        print("error: usage: python tools/gpu_check_runner.py PLAN.json (tools/gpu_check.py "
+              "writes the plan and runs this)", file=sys.stderr)
+        return 2
     with open(sys.argv[1]) as f:
         plans = json.load(f)
     rank = int(os.environ.get("RANK", 0))
