@@ -105,16 +105,24 @@ def test_checks_report_their_measurements(cpu_run):
     assert record["sizes"]["msf_bank"] == 256 and record["sizes"]["cmsf_bank"] == 32
 
 
-def test_time_limit_leaves_rows_not_reached(tmp_path):
+def test_time_limit_stops_the_running_script_and_leaves_the_rest_not_reached(tmp_path,
+                                                                             monkeypatch):
+    """Only the script rows (one runner process on the CPU), 3 seconds: the runner is killed at the
+    limit, the run it was in is "stopped", the later ones are "not reached"."""
+    build_rows = gpu_check.build_rows
+    monkeypatch.setattr(gpu_check, "build_rows",
+                        lambda config: [r for r in build_rows(config) if r["kind"] != "check"])
     code = gpu_check.main(TINY + ["--output-dir", str(tmp_path), "--time-limit", "0.05"])
     record, rows, markdown = read_report(tmp_path)
-    statuses = {row["status"] for row in rows.values()}
-    assert statuses <= {"passed", "stopped", "not reached"}, statuses
-    assert code == (1 if "stopped" in statuses else 0)
+    statuses = [row["status"] for row in record["rows"]]
+    assert code == 1 and statuses.count("stopped") == 1, statuses
+    stopped = statuses.index("stopped")
+    assert set(statuses[:stopped]) <= {"passed"} and set(statuses[stopped + 1:]) == {"not reached"}
+    assert record["rows"][stopped]["error"] == "stopped at the time limit"
     trainer_rows = [f"{name} fp32" for name, *_ in gpu_check.TRAINERS]
     assert set(trainer_rows) <= set(record["not_reached"])  # 3 s cannot reach them
     assert all("first_loss" not in rows[name] for name in record["not_reached"])
-    assert record["elapsed_s"] < 3 + 30  # the limit, plus at most one in-process row
+    assert 3 <= record["elapsed_s"] < 3 + 10  # killed at the limit, not at the end of its work
     assert "Not reached within the time limit: " in markdown
 
 
@@ -136,4 +144,14 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, argv, fragment):
     assert gpu_check.main(argv + ["--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_without_images_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "data" / "train" / "empty_class").mkdir(parents=True)
+    argv = ["--device", "cpu", "--data", str(tmp_path / "data"), "--output-dir",
+            str(tmp_path / "out")]
+    assert gpu_check.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "class folder" in err[0], err
     assert not (tmp_path / "out").exists()

@@ -911,15 +911,20 @@ def write_report(config, rows):
         f.write(out.getvalue())
 
 
-def prepare_inputs(config):
-    """What the trainer rows read: the number of --data images and the other-modality file of
-    the embeddings row (random 128-d embeddings, one per training image)."""
+def training_image_names(config):
+    """The names of the images the trainer rows read (ImageFolder paths of --data, else synthetic
+    indices); sets config.num_images. Bad --data is a UsageError."""
     if config.data is not None:
         base, _ = common.build_dataset("imagefolder", config.data, "train")
-        config.num_images, names = len(base), common.dataset_relative_paths(base)
-    else:
-        config.num_images = config.steps * config.batch_size * config.gpus
-        names = [str(i) for i in range(config.num_images)]
+        config.num_images = len(base)
+        return common.dataset_relative_paths(base)
+    config.num_images = config.steps * config.batch_size * config.gpus
+    return [str(i) for i in range(config.num_images)]
+
+
+def write_other_modality(config, names):
+    """The --constraint-embeddings file of the embeddings row: random 128-d embeddings, one per
+    training image."""
     config.embeddings_file = os.path.join(config.output_dir, "other_modality.pt")
     generator = torch.Generator().manual_seed(0)
     torch.save({"paths": names, "embeddings": torch.randn(len(names), 128, generator=generator)},
@@ -930,6 +935,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         config = resolve_config(args)
+        names = training_image_names(config)
     except common.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -940,7 +946,7 @@ def main(argv=None):
     config.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     os.makedirs(config.output_dir, exist_ok=True)
     config.environment = environment(config)
-    prepare_inputs(config)
+    write_other_modality(config, names)
     rows = build_rows(config)
     if config.device.type == "cuda" and not common.has_native_bf16(config.device):
         for row in rows:
