@@ -61,14 +61,16 @@ DEFAULTS = {"cuda": dict(arch="resnet50", image_size=224, batch_size=256, steps=
             "cpu": dict(arch="resnet10", image_size=8, batch_size=8, steps=2, scale=1 / 4000)}
 
 # |first CUDA loss - first CPU float32 loss| <= relative * |CPU loss| + absolute. bf16 keeps 8
-# significant bits, so each layer's output is rounded by up to 0.4 %; through ResNet-50 (BatchNorm
-# renormalising) the embeddings move by a few percent, and the loss (a mean of 2 - 2 cos over B x k
-# pairs) by less: 5 % bounds that while a wrong view, neighbour set or loss term moves it by far
-# more. fp16 keeps 11 bits, and fp32 on CUDA runs cuDNN's convolutions in TF32 (also 11 bits): 1 %.
-# CPU rows against the CPU reference: float32 with the same pinned kernels computes the same bits.
-LOSS_TOLERANCE = {"cuda bf16": (0.05, 1e-3), "cuda fp16": (0.01, 1e-4),
+# significant bits, fp16 11: every layer's output is rounded by up to 0.4 % / 0.05 %, and through the
+# network (BatchNorm renormalising) the embeddings, and so the loss, move by percents / tenths of a
+# percent. On the CPU at the test's tiny sizes (BatchNorm over 2 samples, where rounding shows
+# most) bf16 moved the first loss by up to 3.4 % and fp16 by up to 0.8 %: the bounds are 5 % and
+# 2 %, while a wrong view, neighbour set or loss term moves it by more. fp32 on CUDA runs cuDNN's
+# convolutions in TF32 (11 bits, float32 sums): 1 %. CPU float32 rows against the CPU reference:
+# the same pinned kernels compute the same bits.
+LOSS_TOLERANCE = {"cuda bf16": (0.05, 1e-3), "cuda fp16": (0.02, 1e-4),
                   "cuda fp32": (0.01, 1e-4), "cpu bf16": (0.05, 1e-3),
-                  "cpu fp16": (0.01, 1e-4), "cpu fp32": (0.0, 0.0)}
+                  "cpu fp16": (0.02, 1e-4), "cpu fp32": (0.0, 0.0)}
 
 # Every trainer variant: (row name, script, extra flags, epochs). Flags in braces are filled from
 # the sizes of the run. Two epochs where the constraint needs the first one's embeddings.
@@ -853,7 +855,8 @@ def compare_losses(config, rows):
 
 
 def cell(value, fmt="{}"):
-    return "" if value is None else fmt.format(value)
+    """A markdown table cell: a '|' in the text would end the cell."""
+    return "" if value is None else fmt.format(value).replace("|", "\\|")
 
 
 def write_report(config, rows):
@@ -904,7 +907,7 @@ def write_report(config, rows):
         if row["kind"] in ("train", "reference"):
             continue
         out.write(f"| {row['name']} | {row['device']} | {row['status']} | "
-                  f"{row.get('error') or row.get('result') or ''} |\n")
+                  f"{cell(row.get('error') or row.get('result') or '')} |\n")
     if not_reached:
         out.write(f"\nNot reached within the time limit: {', '.join(not_reached)}.\n")
     with open(os.path.join(config.output_dir, "gpu_check.md"), "w") as f:
