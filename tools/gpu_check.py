@@ -61,9 +61,9 @@ DEFAULTS = {"cuda": dict(arch="resnet50", image_size=224, batch_size=256, steps=
             "cpu": dict(arch="resnet10", image_size=8, batch_size=8, steps=2, scale=1 / 4000)}
 
 # |first CUDA loss - first CPU float32 loss| <= relative * |CPU loss| + absolute. bf16 keeps 8
-# significant bits, fp16 11: every layer's output is rounded by up to 0.4 % / 0.05 %, and through the
-# network (BatchNorm renormalising) the embeddings, and so the loss, move by percents / tenths of a
-# percent. On the CPU at the test's tiny sizes (BatchNorm over 2 samples, where rounding shows
+# significant bits, fp16 11: every layer's output is rounded by up to 0.4 % / 0.05 %, and through
+# the network (BatchNorm renormalising) the embeddings, and so the loss, move by percents / tenths
+# of a percent. On the CPU at the test's tiny sizes (BatchNorm over 2 samples, where rounding shows
 # most) bf16 moved the first loss by up to 3.4 % and fp16 by up to 0.8 %: the bounds are 5 % and
 # 2 %, while a wrong view, neighbour set or loss term moves it by more. fp32 on CUDA runs cuDNN's
 # convolutions in TF32 (11 bits, float32 sums): 1 %. CPU float32 rows against the CPU reference:
@@ -568,7 +568,7 @@ def sizes_of_run(config, batch_size):
 def trainer_plan(config, row, batch_size):
     """A runner plan for one trainer row, or for a variant's float32 CPU reference (the first
     iteration only)."""
-    name, script, flags, epochs = row["variant"]
+    _, script, flags, epochs = row["variant"]
     reference, device_type, precision = row["kind"] == "reference", row["device"], row["precision"]
     folder = row_folder(config, row)
     if config.data is not None:
@@ -594,8 +594,8 @@ def trainer_plan(config, row, batch_size):
     iters = images // global_batch
     steps = min(config.steps, iters)
     total = 1 if reference else steps * epochs if config.data is None else steps
-    return {"name": name, "script": script, "argv": argv, "result": os.path.join(folder,
-                                                                                   "result.json"),
+    return {"name": row["name"], "script": script, "argv": argv,
+            "result": os.path.join(folder, "result.json"),
             "log": os.path.join(folder, "log.txt"), "iters_per_epoch": iters,
             "print_freq": PRINT_FREQ, "stop_after": total,
             "timed_from": None if reference else total - max(1, steps // 2)}
@@ -605,7 +605,7 @@ def eval_plans(config, folder):
     """eval_knn.py and eval_linear.py (both protocols) for a few steps on synthetic images at the
     row's architecture and image size (random init: the code path does not depend on the
     weights)."""
-    images = max(2, 4 * config.batch_size)
+    images = max(32, 4 * config.batch_size)  # eval_knn's 20-NN needs 20 train images
     common_argv = ["--dataset", "synthetic", "--synthetic-images", str(images), "--arch",
                    config.arch, "--image-size", str(config.image_size), "--batch-size",
                    str(config.batch_size), "--device", config.device.type]
@@ -625,6 +625,11 @@ def eval_plans(config, folder):
                       "result": os.path.join(row_folder, "result.json"),
                       "log": os.path.join(row_folder, "log.txt")})
     return plans
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_plans(config, plans, deadline, nproc=1, threads=None):
@@ -650,18 +655,19 @@ def run_plans(config, plans, deadline, nproc=1, threads=None):
             if code is None:
                 results.append({"status": "stopped" if first_missing else "not reached",
                                 "error": "stopped at the time limit" if first_missing else None})
-            else:
+            else:  # under torchrun a rank that failed stops the others: its error says why
+                ranks = [f"{plan['result']}.rank{r}" for r in range(1, nproc)]
+                errors = [read_json(path).get("error") for path in ranks if os.path.exists(path)]
+                error = next((f"a rank: {e}" for e in errors if e), error)
                 results.append({"status": "failed", "error": error if first_missing else
                                 "not run: an earlier run of the same process crashed"})
             first_missing = False
             continue
-        with open(plan["result"]) as f:
-            result = json.load(f)
+        result = read_json(plan["result"])
         for r in range(1, nproc):
             path = f"{plan['result']}.rank{r}"
             if os.path.exists(path):
-                with open(path) as f:
-                    other = json.load(f)
+                other = read_json(path)
                 result["max_memory_allocated"] = max(result.get("max_memory_allocated", 0),
                                                      other.get("max_memory_allocated", 0))
                 if other["status"] != "passed" and result["status"] == "passed":
@@ -813,8 +819,7 @@ def eval_summary(row, output, result):
     for name in ("knn_results.json", "linear_results.json"):
         path = os.path.join(output, name)
         if os.path.exists(path):
-            with open(path) as f:
-                values = json.load(f)
+            values = read_json(path)
             if "accuracy" in values:
                 parts.append("1-NN / 20-NN " + " / ".join(
                     f"{values['accuracy'][k]['majority_top1']:.1f}" for k in ("1", "20")
