@@ -67,6 +67,8 @@ def test_every_trainer_variant_runs_and_matches_its_cpu_reference(cpu_run):
         assert row["first_loss"] == reference["first_loss"] == row["reference_loss"]
         assert row["loss_check"] == "exact" and row["loss_difference"] == 0
         assert row["images_per_second_per_gpu"] > 0 and row["data_ms_per_iteration"] >= 0
+        # 1 step per epoch; 2q and kmeans reach epoch 2, where the constraint is active
+        assert row["iterations"] == epochs and reference["iterations"] == 1
         assert f"| {name} fp32 | cpu | passed | 8 |" in markdown
     losses = {rows[f"{name} fp32"]["first_loss"] for name, *_ in gpu_check.TRAINERS}
     assert len(losses) >= 6  # the variants compute different losses, not one number repeated

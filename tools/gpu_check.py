@@ -680,7 +680,8 @@ def run_plans(config, plans, deadline, nproc=1, threads=None):
 
 def trainer_row_result(config, row, result, batch_size):
     """A trainer row from its runner result: status, speed, memory, first loss."""
-    row.update(status=result["status"], error=result.get("error"), batch_per_gpu=batch_size)
+    row.update(status=result["status"], error=result.get("error"), batch_per_gpu=batch_size,
+               iterations=result.get("iterations"))
     if result.get("seconds_per_iteration"):
         row["images_per_second_per_gpu"] = round(batch_size / result["seconds_per_iteration"], 1)
         row["data_ms_per_iteration"] = round(1000 * result["data_seconds_per_iteration"], 1)
