@@ -20,7 +20,7 @@ QUICKSTART_FLAGS = {"dataset": "synthetic", "synthetic_images": 2000, "arch": "r
                     "mem_bank_size": 2000, "topk": 5, "seed": 0, "augmentation": "weak/strong",
                     "amp": None}
 # eval_knn.py's majority-vote top-1 (%) for k = 1 and 20 with the pinned AVX2 kernels, 1 thread
-EXPECTED = {"1": 65.50, "20": 58.75}
+EXPECTED = {"1": 64.50, "20": 58.75}
 # lowest and highest top-1 over seeds 0-2 with the pinned kernels, seeds 0-1 with this machine's
 # own kernels (AVX512 + AMX, 2 threads: --no-deterministic) and seeds 0-1 without AVX2
 # (ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41)
