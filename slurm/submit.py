@@ -30,6 +30,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 import common  # noqa: E402
+import paper_rows  # noqa: E402
+import reproduce  # noqa: E402
 
 # squeue states of a job that will not run again (REQUEUED, PENDING, COMPLETING, ... will)
 ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -53,6 +56,24 @@ def get_args_parser():
         "slurm/submit.py",
         usage="python slurm/submit.py [SLURM options] SCRIPT.py [SCRIPT options]",
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_slurm_options(p)
+    p.add_argument("--job-dir", default=os.path.join("output", "slurm", "%j"),
+                   help="submitit's folder of this job (logs, pickles); %%j = job id")
+    p.add_argument("--array", action="store_true",
+                   help="transfer_eval.py: one array task per name in --datasets, then a job that "
+                        "collects the table (results.md, results.json) into --output-dir")
+    p.add_argument("--local", action="store_true",
+                   help="run on this machine with submitit's local executor instead of SLURM")
+    p.add_argument("--wait", action="store_true",
+                   help="block until the job is done and print its result")
+    p.add_argument("script", help="one of the suite's scripts, e.g. train_msf.py")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own options")
+    return p
+
+
+def add_slurm_options(p, constraint_flag="--constraint"):
+    """The options of the job itself (resources, partition, requeue), shared with --reproduce
+    (where --constraint is the training script's, so SLURM's is --slurm-constraint)."""
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=1,
                    help="one task per GPU; 0 = a CPU job (gloo) with --tasks-per-node tasks per "
@@ -68,7 +89,8 @@ def get_args_parser():
     p.add_argument("--partition", default=None, help="SLURM partition; None: the cluster's default")
     p.add_argument("--account", default=None, help="SLURM account to charge")
     p.add_argument("--qos", default=None, help="SLURM quality of service")
-    p.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
+    p.add_argument(constraint_flag, dest="constraint", default=None,
+                   help="node features, e.g. volta32gb")
     p.add_argument("--exclude", default=None, help="nodes not to use")
     p.add_argument("--comment", default=None, help="SLURM job comment")
     p.add_argument("--job-name", default=None, help="None: the script's name")
@@ -80,18 +102,6 @@ def get_args_parser():
     p.add_argument("--max-num-timeout", type=int, default=20,
                    help="requeues after reaching the time limit before giving up (preemptions: "
                         "unlimited)")
-    p.add_argument("--job-dir", default=os.path.join("output", "slurm", "%j"),
-                   help="submitit's folder of this job (logs, pickles); %%j = job id")
-    p.add_argument("--array", action="store_true",
-                   help="transfer_eval.py: one array task per name in --datasets, then a job that "
-                        "collects the table (results.md, results.json) into --output-dir")
-    p.add_argument("--local", action="store_true",
-                   help="run on this machine with submitit's local executor instead of SLURM")
-    p.add_argument("--wait", action="store_true",
-                   help="block until the job is done and print its result")
-    p.add_argument("script", help="one of the suite's scripts, e.g. train_msf.py")
-    p.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own options")
-    return p
 
 
 def import_script(path):
@@ -242,13 +252,18 @@ def wait_for_results(job, poll_s=2.0, grace_s=60.0, timeout_s=None):
     return job.results()
 
 
-def script_args_of(module, script_path, argv):
+def script_parser(module, script_path):
+    """The script's own parser (plus --deterministic), as the job parses its options."""
     parser = argparse.ArgumentParser(prog=f"slurm/submit.py [SLURM options] "
                                      f"{os.path.basename(script_path)}",
                                      parents=[module.get_args_parser()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.set_defaults(output_dir=None)  # None = not given: the job folder
-    return common.parse_args_noting_given(common.add_determinism_arg(parser), argv)
+    return common.add_determinism_arg(parser)
+
+
+def script_args_of(module, script_path, argv):
+    return common.parse_args_noting_given(script_parser(module, script_path), argv)
 
 
 def submit_command(argv):
@@ -257,6 +272,15 @@ def submit_command(argv):
 
 
 def main(argv=None):
+    # A job unpickles Trainer, whose code imports common: the repo must be on the job's path
+    # whichever folder the command was typed in (sbatch and the local executor pass the
+    # environment on)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if REPO_ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, *filter(None, paths)])
+    words = sys.argv[1:] if argv is None else list(map(str, argv))
+    if "--reproduce" in words or "--status" in words:
+        return reproduce_main(words)
     opts = get_args_parser().parse_args(argv)
     script_path = os.path.abspath(opts.script)
     if not os.path.exists(script_path) and os.path.exists(os.path.join(REPO_ROOT, opts.script)):
@@ -344,9 +368,248 @@ def submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name,
     return jobs, collect_job
 
 
+# ---------------------------------------------------------------- one paper row, end to end
+
+class Reporter:
+    """The last job of a --reproduce chain: slurm/reproduce.py's write_report(output_dir) writes
+    report.md and report.json (the measured numbers beside the paper's) and returns the markdown."""
+
+    def __init__(self, reproduce_path, output_dir):
+        self.reproduce_path = reproduce_path
+        self.output_dir = output_dir
+
+    def __call__(self):
+        markdown = import_script(self.reproduce_path).write_report(self.output_dir)
+        print(markdown, flush=True)
+        return markdown
+
+
+def get_reproduce_parser():
+    p = argparse.ArgumentParser(
+        "slurm/submit.py --reproduce", allow_abbrev=False,  # an abbreviation could eat a flag
+        usage="python slurm/submit.py --reproduce ROW [SLURM options] [--data DIR] "
+              "[--output-dir DIR] [FLAGS of the row's scripts]\n       python slurm/submit.py "
+              "--status OUTPUT_DIR\n       python slurm/submit.py --reproduce list",
+        description="Train one row of the papers' tables, run every evaluation of that row, and "
+                    "write report.md with the paper's numbers beside the measured ones. Any other "
+                    "flag (e.g. --dataset synthetic --arch resnet10 --image-size 16 --epochs 2) "
+                    "replaces the row's: in the training, and in the evaluations for the data, "
+                    "network and device flags. Re-running the same command submits only the "
+                    "stages that have not finished.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--reproduce", metavar="ROW", default=None,
+                   help="a row name (`--reproduce list` prints them)")
+    p.add_argument("--status", metavar="OUTPUT_DIR", default=None,
+                   help="print each stage's state and job id of the chain in OUTPUT_DIR")
+    p.add_argument("--output-dir", default=None, help="the chain's folder (None: runs/ROW)")
+    p.add_argument("--data", default=None,
+                   help="the row's dataset ($IMNET, $CIFAR or $STL in its command)")
+    p.add_argument("--train-list-10pct", default=None,
+                   help="SimCLR's 10percent.txt, for rows that train or evaluate on 10 %% labels")
+    p.add_argument("--train-list-1pct", default=None,
+                   help="SimCLR's 1percent.txt, for rows that train or evaluate on 1 %% labels")
+    p.add_argument("--transfer-root", default=None,
+                   help="transfer_eval.py's --data-root: adds the 10-dataset transfer array")
+    p.add_argument("--skip", action="append", default=[], metavar="EVALUATION",
+                   help="leave out an evaluation of the row, e.g. --skip linear_1pct (repeatable, "
+                        "or comma-separated)")
+    p.add_argument("--eval-args", default="",
+                   help="flags for the evaluations only, e.g. \"--epochs 5 --batch-size 32\" "
+                        "(each goes to the evaluation scripts that take it)")
+    add_slurm_options(p, constraint_flag="--slurm-constraint")
+    p.add_argument("--local", action="store_true",
+                   help="run the stages one after another on this machine (submitit's local "
+                        "executor) instead of SLURM")
+    p.add_argument("--wait", action="store_true", help="block until the report is written")
+    return p
+
+
+def script_path_of(script):
+    return os.path.join(REPO_ROOT, script)
+
+
+def reproduce_main(argv):
+    """--reproduce / --status: returns the exit code."""
+    opts, overrides = get_reproduce_parser().parse_known_args(argv)
+    if opts.status:
+        if opts.reproduce:
+            raise common.UsageError("give --status OUTPUT_DIR or --reproduce ROW, not both")
+        print("\n".join(reproduce.status_lines(os.path.abspath(opts.status))), flush=True)
+        return 0
+    if opts.reproduce == "list":
+        print(paper_rows.listing(), flush=True)
+        return 0
+    row, closest = paper_rows.find_row(opts.reproduce)
+    if row is None:
+        hint = f"closest: {', '.join(closest)}; " if closest else ""
+        raise common.UsageError(f"no paper row {opts.reproduce!r}; {hint}`python slurm/submit.py "
+                                f"--reproduce list` prints them all")
+    for flag, path, kind in (("--data", opts.data, os.path.exists),
+                             ("--train-list-10pct", opts.train_list_10pct, os.path.isfile),
+                             ("--train-list-1pct", opts.train_list_1pct, os.path.isfile),
+                             ("--transfer-root", opts.transfer_root, os.path.isdir)):
+        if path is not None and not kind(path):
+            raise common.UsageError(f"{flag} {path} does not exist; give the path of the "
+                                    f"{'folder' if kind is os.path.isdir else 'file'}")
+    absolute = lambda path: path and os.path.abspath(path)  # noqa: E731
+    output_dir = os.path.abspath(opts.output_dir or os.path.join("runs", row.name))
+    modules = {}
+
+    def parser_of(script):
+        if script not in modules:
+            modules[script] = load_script(script_path_of(script))
+        return script_parser(modules[script], script_path_of(script))
+
+    def options_of(script):
+        return set(parser_of(script)._option_string_actions)
+
+    skip = [name for item in opts.skip for name in item.split(",") if name]
+    stages = reproduce.plan_chain(
+        row, output_dir, absolute(opts.data),
+        {"10pct": absolute(opts.train_list_10pct), "1pct": absolute(opts.train_list_1pct)},
+        absolute(opts.transfer_root), skip, overrides, shlex.split(opts.eval_args), options_of)
+    # every stage's command parsed now, so a bad value stops the chain before anything is submitted
+    parsed = {}
+    for name, stage in stages.items():
+        parser = parser_of(stage["script"])
+        parser.exit_on_error = False  # a bad value: one error line, not argparse's usage text
+        try:
+            parsed[name] = common.parse_args_noting_given(parser, stage["argv"])
+        except argparse.ArgumentError as e:
+            raise common.UsageError(f"stage {name} ({stage['script']}): {e}") from None
+    previous = reproduce.read_state(output_dir)
+    if previous and previous["row"] != row.name:
+        raise common.UsageError(f"{output_dir} holds a run of row {previous['row']}; give "
+                                f"another --output-dir for {row.name}")
+    if previous and previous["overrides"] != overrides:
+        raise common.UsageError(f"{output_dir} holds row {row.name} run with the flags "
+                                f"{' '.join(previous['overrides']) or '(none)'}, not "
+                                f"{' '.join(overrides) or '(none)'}; rerun with those, or give "
+                                f"another --output-dir")
+    if opts.gpus_per_node < 0 or opts.nodes < 1:
+        raise common.UsageError("--gpus-per-node must be >= 0 and --nodes >= 1")
+    if opts.gpus_per_node and opts.tasks_per_node not in (None, opts.gpus_per_node):
+        raise common.UsageError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node "
+                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop "
+                                f"--tasks-per-node")
+    if opts.local and opts.nodes > 1:
+        raise common.UsageError("--local runs on this machine only: use --nodes 1")
+    if not opts.local and shutil.which("sbatch") is None:
+        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local "
+                                "to run the chain here")
+    extra = parse_extra(opts.slurm_extra)
+    tasks_per_node = opts.gpus_per_node or opts.tasks_per_node or 1
+
+    old_stages = previous["stages"] if previous else {}
+    state = {"row": row.name, "command": submit_command(argv), "overrides": overrides,
+             "resources": f"{opts.nodes} node(s) x {opts.gpus_per_node} GPU(s), "
+                          f"{tasks_per_node} task(s) per node"
+                          + (", local" if opts.local else ""),
+             "stages": {}}
+    to_run, waiting_on = [], {}  # stages to submit; active stage -> its job id
+    for name, stage in [*stages.items(), ("report", {"script": None, "argv": [],
+                                                     "output_dir": output_dir, "after": "all"})]:
+        old = old_stages.get(name)
+        if old and old.get("job_id") and old["argv"] == stage["argv"] and (
+                name != "report" or not to_run):
+            value, detail = reproduce.stage_state(old)
+            if value == "FINISHED":
+                print(f"{name}: finished (job {old['job_id']}), reused", flush=True)
+                state["stages"][name] = old
+                continue
+            if value in reproduce.ACTIVE_STATES:
+                print(f"{name}: job {old['job_id']} {value}, left alone", flush=True)
+                state["stages"][name] = old
+                waiting_on[name] = old["job_id"]
+                continue
+            print(f"{name}: job {old['job_id']} failed ({detail}); submitted again", flush=True)
+        state["stages"][name] = dict(stage)
+        to_run.append(name)
+    if not to_run:
+        print(f"every stage has finished or is on its way; report: "
+              f"{os.path.join(output_dir, 'report.md')}", flush=True)
+        reproduce.write_state(output_dir, state)
+        return 0
+    for name in to_run:  # a stage submitted again starts clean
+        state["stages"][name].pop("job_id", None)
+    reproduce.write_state(output_dir, state)
+    job_folder = os.path.join(output_dir, "jobs", "%j")
+
+    def executor_for(name, after_ids, all_ended=False):
+        extra_here = dict(extra)
+        if after_ids:
+            kind = "afterany" if all_ended else "afterok"
+            extra_here["dependency"] = f"{kind}:" + ":".join(after_ids)
+            if not all_ended:  # a failed training cancels its evaluations: the report still runs
+                extra_here["kill-on-invalid-dep"] = "yes"
+        if name == "report":
+            return make_executor(opts, job_folder, 1, 0, 1, 30, f"{row.name}_report", extra_here)
+        return make_executor(opts, job_folder, opts.nodes, opts.gpus_per_node, tasks_per_node,
+                             opts.time, f"{row.name}_{name}", extra_here)
+
+    def job_of(name):
+        stage = stages[name]
+        command = [script_path_of(stage["script"]), *stage["argv"]]
+        return Trainer(script_path_of(stage["script"]), parsed[name], command)
+
+    def record(name, job):
+        state["stages"][name].update(job_id=str(job.job_id), job_folder=job_folder,
+                                     local=opts.local, submitted=time.strftime("%H:%M:%S"))
+        reproduce.write_state(output_dir, state)
+        print(f"{name}: submitted job {job.job_id}", flush=True)
+
+    reporter = Reporter(os.path.join(REPO_ROOT, "slurm", "reproduce.py"), output_dir)
+    if opts.local:  # one stage after another, each waited for
+        failed = []
+        for name in to_run:
+            after = state["stages"][name]["after"]
+            if after == "train" and "train" in failed:
+                print(f"{name}: not run (the training failed)", flush=True)
+                continue
+            job = executor_for(name, []).submit(reporter if name == "report" else job_of(name))
+            record(name, job)
+            try:
+                wait_for_results(job)
+            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError,
+                    TimeoutError) as e:
+                failed.append(name)
+                print(f"{name}: failed ({str(e).strip().splitlines()[-1][:300]})", flush=True)
+        print(f"report: {os.path.join(output_dir, 'report.md')}", flush=True)
+        return 1 if failed else 0
+
+    train_ids = [waiting_on["train"]] if "train" in waiting_on else []
+    if "train" in to_run:
+        job = executor_for("train", []).submit(job_of("train"))
+        record("train", job)
+        train_ids = [str(job.job_id)]
+    evaluations = [name for name in to_run if name not in ("train", "report")]
+    transfer = [name for name in evaluations if name.startswith("transfer_")]
+    for name in evaluations:
+        if name not in transfer:
+            record(name, executor_for(name, train_ids).submit(job_of(name)))
+    if transfer:  # one array, one task per dataset
+        executor = executor_for(transfer[0], train_ids)
+        with executor.batch():
+            jobs = [executor.submit(job_of(name)) for name in transfer]
+        for name, job in zip(transfer, jobs):
+            record(name, job)
+    running = [s["job_id"] for name, s in state["stages"].items()
+               if name != "report" and (name in to_run or name in waiting_on)]
+    report_job = executor_for("report", running, all_ended=True).submit(reporter)
+    record("report", report_job)
+    print(f"report after jobs {', '.join(running) or '(none)'} end: "
+          f"{os.path.join(output_dir, 'report.md')}\n  status: python slurm/submit.py --status "
+          f"{output_dir}", flush=True)
+    if opts.wait:
+        wait_for_results(report_job, timeout_s=None)
+        print(f"report written: {os.path.join(output_dir, 'report.md')}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     try:
-        main()
+        exit_code = main()
+        sys.exit(exit_code if isinstance(exit_code, int) else 0)
     except common.UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
