@@ -20,10 +20,8 @@ import time
 
 SLURM_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(SLURM_DIR)
-for folder in (SLURM_DIR, REPO_ROOT):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-import common  # noqa: E402
+if SLURM_DIR not in sys.path:
+    sys.path.insert(0, SLURM_DIR)
 import paper_rows  # noqa: E402
 
 STATE_FILE = "reproduce.json"
@@ -65,7 +63,7 @@ def parse_flags(words):
         elif flags:
             flags[-1][1].append(word)
         else:
-            raise common.UsageError(f"{word!r} is not a flag; give flags after the row name, e.g. "
+            raise UsageError(f"{word!r} is not a flag; give flags after the row name, e.g. "
                                     f"--epochs 2")
     return flags
 
@@ -94,6 +92,10 @@ def flag_value(flags, name):
     return next((values for flag, values in flags if flag == name), None)
 
 
+class UsageError(Exception):
+    """Bad input; slurm/submit.py prints it as one `error:` line (UsageError there)."""
+
+
 def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, overrides, eval_args,
                options_of):
     """The stages of a row: {stage: {"script", "argv", "output_dir", "after"}} in submission order,
@@ -102,14 +104,14 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
     override_flags = parse_flags(overrides)
     for flag, _ in override_flags + parse_flags(eval_args):
         if flag in OWN_FLAGS:
-            raise common.UsageError(f"{flag} is set by the chain (its stages write into "
+            raise UsageError(f"{flag} is set by the chain (its stages write into "
                                     f"--output-dir {output_dir}); drop it")
     trains = script.startswith("train_")
     flags = merge_flags(parse_flags(row_words), override_flags)
     unknown = [flag for flag, _ in override_flags
                if flag not in options_of(script) and flag not in EVALUATION_FLAGS]
     if unknown:
-        raise common.UsageError(f"{script} has no {unknown[0]} (row {row.name}); see python "
+        raise UsageError(f"{script} has no {unknown[0]} (row {row.name}); see python "
                                 f"{script} --help")
     synthetic = flag_value(flags, "--dataset") == ["synthetic"]
     if synthetic:  # built-in data: no path to fill in
@@ -121,20 +123,20 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
         for word in words:
             if word in DATA_WORDS:
                 if not data:
-                    raise common.UsageError(f"row {row.name} reads {word} (its command: "
+                    raise UsageError(f"row {row.name} reads {word} (its command: "
                                             f"{row.command}): give --data /path/to/the/data, or "
                                             f"--dataset synthetic after the row name to try it")
                 word = data
             elif word in LIST_WORDS:
                 if not lists[word]:
-                    raise common.UsageError(
+                    raise UsageError(
                         f"{needed_by} of row {row.name} reads SimCLR's {word} (one image file "
                         f"name per line): give {LIST_WORDS[word]} FILE"
                         + (f", or --skip {needed_by}" if needed_by in EVALUATIONS else ""))
                 word = lists[word]
             elif word in EXAMPLE_FILES:
                 flag = next(f for f, v in flags if word in v)
-                raise common.UsageError(f"row {row.name} names the example file {word} "
+                raise UsageError(f"row {row.name} names the example file {word} "
                                         f"({flag}): give your file after the row name, e.g. "
                                         f"{flag} /path/to/{word}")
             filled.append(word)
@@ -151,7 +153,7 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
     evaluations = [name for name in row.evaluations if name != "transfer"]
     for name in skip:
         if name not in row.evaluations:
-            raise common.UsageError(f"--skip {name}: row {row.name} has no such evaluation; its "
+            raise UsageError(f"--skip {name}: row {row.name} has no such evaluation; its "
                                     f"evaluations: {', '.join(row.evaluations)}")
     for name in evaluations:
         if name in skip:
@@ -167,12 +169,12 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
                         "argv": fill(words, name) + ["--output-dir", stage_dir]}
     wants_transfer = "transfer" in row.evaluations and "transfer" not in skip
     if wants_transfer and not transfer_root:
-        raise common.UsageError(f"row {row.name} has the paper's transfer numbers: give "
+        raise UsageError(f"row {row.name} has the paper's transfer numbers: give "
                                 f"--transfer-root DIR (one folder per dataset, see transfer_eval.py "
                                 f"--help), or --skip transfer")
     if transfer_root and "transfer" not in skip:
         if not trains:
-            raise common.UsageError(f"row {row.name} trains nothing to transfer; drop "
+            raise UsageError(f"row {row.name} trains nothing to transfer; drop "
                                     f"--transfer-root")
         accepted = options_of("transfer_eval.py")
         words = flag_words([(f, v) for f, v in eval_flags if f in accepted and f != "--datasets"])
@@ -188,7 +190,7 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
               if not any(flag in options_of(stage["script"])
                          for name, stage in stages.items() if name != "train")]
     if unused:
-        raise common.UsageError(f"--eval-args {unused[0]}: no evaluation of row {row.name} takes "
+        raise UsageError(f"--eval-args {unused[0]}: no evaluation of row {row.name} takes "
                                 f"it")
     return stages
 
@@ -203,9 +205,24 @@ def read_state(output_dir):
         return json.load(f)
 
 
+def write_atomically(path, text):
+    """Write a file through a temp file and a rename: a reader never sees half of it. (Not
+    common.atomic_write: common imports torch, which the report job has no use for.)"""
+    temp = f"{path}.tmp{os.getpid()}"
+    with open(temp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def write_json(path, record):
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
+
+
 def write_state(output_dir, state):
     os.makedirs(output_dir, exist_ok=True)
-    common.write_json(os.path.join(output_dir, STATE_FILE), state)
+    write_json(os.path.join(output_dir, STATE_FILE), state)
 
 
 def result_path(stage):
@@ -261,7 +278,7 @@ def stage_log(stage, kind):
 def status_lines(output_dir):
     state = read_state(output_dir)
     if state is None:
-        raise common.UsageError(f"{output_dir} holds no {STATE_FILE}: give the --output-dir of a "
+        raise UsageError(f"{output_dir} holds no {STATE_FILE}: give the --output-dir of a "
                                 f"`slurm/submit.py --reproduce` chain")
     lines = [f"row {state['row']} in {output_dir}"]
     for name, stage in state["stages"].items():
@@ -397,7 +414,7 @@ def write_report(output_dir):
               "metrics": metrics, "stages": stage_states, "provenance": provenance,
               "curves": curves, "curves_note": curves_note,
               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
-    common.write_json(os.path.join(output_dir, "report.json"), report)
+    write_json(os.path.join(output_dir, "report.json"), report)
     lines = [f"# {row.title} (`{row.name}`)", "",
              f"Paper's command: `{row.command}`", "",
              f"This chain: `{shlex.join(state['command'])}`", "",
@@ -415,5 +432,5 @@ def write_report(output_dir):
         f"{key} {value}" for key, value in provenance.items() if value is not None), ""]
     lines.append(f"![training curves]({os.path.basename(curves)})" if curves else curves_note)
     markdown = "\n".join(lines) + "\n"
-    common.atomic_write(os.path.join(output_dir, "report.md"), lambda f: f.write(markdown.encode()))
+    write_atomically(os.path.join(output_dir, "report.md"), markdown)
     return markdown

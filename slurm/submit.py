@@ -569,7 +569,7 @@ def reproduce_main(argv):
             job = executor_for(name, []).submit(reporter if name == "report" else job_of(name))
             record(name, job)
             try:
-                wait_for_results(job)
+                wait_for_results(job, poll_s=0.2)
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError,
                     TimeoutError) as e:
                 failed.append(name)
@@ -610,6 +610,6 @@ if __name__ == "__main__":
     try:
         exit_code = main()
         sys.exit(exit_code if isinstance(exit_code, int) else 0)
-    except common.UsageError as e:
+    except (common.UsageError, reproduce.UsageError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
