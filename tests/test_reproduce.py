@@ -88,84 +88,6 @@ def hand_runs(folder, train_script, train_flags, evaluations):
     return values
 
 
-@pytest.fixture(scope="module")
-def msf_chain(slurm_cluster, tmp_path_factory):
-    """The MSF (s/s) row on SLURM, first with its linear stage made to fail (a file where its output
-    folder goes), then the same command again once the file is gone: (folder, first report,
-    --status after the first run, --status while the second run goes, stdout of the second run)."""
-    root = tmp_path_factory.mktemp("reproduce_msf")
-    output_dir = str(root / "runs" / "msf-ss")
-    command = ["--reproduce", "msf-ss", *CPU_JOB, "--output-dir", output_dir, *TOY_MSF,
-               "--eval-args", " ".join(TOY_EVAL)]
-    os.makedirs(output_dir)
-    blocker = os.path.join(output_dir, "linear")
-    open(blocker, "w").write("not a folder: eval_linear.py cannot write its results here\n")
-    launch(*command, "--wait", cwd=root)
-    first_report = json.load(open(os.path.join(output_dir, "report.json")))
-    failed_status = status_of(output_dir)
-    os.remove(blocker)
-    rerun = launch(*command, cwd=root)
-    half_status = status_of(output_dir, in_process=True)
-    wait_for_report(output_dir)
-    return output_dir, first_report, failed_status, half_status, rerun
-
-
-@pytest.mark.xdist_group("slurm")
-def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(msf_chain, tmp_path):
-    output_dir, _, _, _, _ = msf_chain
-    report = json.load(open(os.path.join(output_dir, "report.json")))
-    assert report["row"] == "msf-ss"
-    assert {name: s["state"] for name, s in report["stages"].items()} == {
-        "train": "FINISHED", "knn": "FINISHED", "linear": "FINISHED"}
-    by_hand = hand_runs(str(tmp_path), "train_msf.py",
-                        ["--amp", "none", "--augmentation", "strong/strong", *TOY_MSF],
-                        [("knn", "eval_knn.py", TOY_DATA),
-                         ("linear", "eval_linear.py", [*TOY_DATA, *TOY_EVAL])])
-    assert measured(report) == by_hand
-    assert set(by_hand) == {"knn_1", "knn_20", "linear"}
-    paper = {m["metric"]: (m["paper"], m["difference"]) for m in report["metrics"]}
-    assert paper["linear"] == (71.4, pytest.approx(by_hand["linear"] - 71.4))
-    assert paper["knn_20"] == (64.0, pytest.approx(by_hand["knn_20"] - 64.0))
-    markdown = open(os.path.join(output_dir, "report.md")).read()
-    assert f"| linear | {by_hand['linear']:.2f} | 71.40 | {by_hand['linear'] - 71.4:+.2f} |" \
-        in markdown
-    provenance = report["provenance"]
-    assert provenance["commit"] == subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"],
-                                                  capture_output=True, text=True).stdout.strip()
-    assert provenance["epochs"] == 1 and provenance["requeues"] == 0
-    assert provenance["command"].startswith("python train_msf.py --amp none --augmentation "
-                                            "strong/strong --dataset synthetic")
-    assert provenance["processes"] == 1 and provenance["training_seconds"] > 0
-    assert os.path.getsize(os.path.join(output_dir, "curves.png")) > 1000
-    assert "![training curves](curves.png)" in markdown
-
-
-@pytest.mark.xdist_group("slurm")
-def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(msf_chain):
-    output_dir, first_report, failed_status, half_status, rerun = msf_chain
-    # the first run: linear failed, the others finished, and the report says so
-    assert failed_status == {"train": "FINISHED", "knn": "FINISHED", "linear": "FAILED",
-                             "report": "FINISHED"}
-    assert first_report["stages"]["linear"]["state"] == "FAILED"
-    assert measured(first_report)["linear"] is None and measured(first_report)["knn_1"] >= 0
-    # the same command again: only linear (and the report after it) were submitted
-    assert re.search(r"^train: finished \(job \d+\), reused$", rerun, re.M)
-    assert re.search(r"^knn: finished \(job \d+\), reused$", rerun, re.M)
-    assert re.search(r"^linear: job \d+ failed \(.*\); submitted again$", rerun, re.M)
-    assert sorted(re.findall(r"^(\w+): submitted job \d+$", rerun, re.M)) == ["linear", "report"]
-    assert first_report["stages"]["train"]["job_id"] == state_of(output_dir)["stages"]["train"][
-        "job_id"]
-    # while it ran: half finished
-    assert half_status["train"] == half_status["knn"] == "FINISHED"
-    assert half_status["linear"] in ("PENDING", "RUNNING") and half_status["report"] == "PENDING"
-    assert status_of(output_dir) == dict.fromkeys(["train", "knn", "linear", "report"],
-                                                  "FINISHED")
-    # and once more: nothing left to do, nothing submitted
-    again = launch(*json.load(open(os.path.join(output_dir, "reproduce.json")))["command"][1:],
-                   cwd=output_dir)
-    assert "submitted job" not in again and "every stage has finished" in again
-
-
 def write_semi_imagefolder(root):
     """3 classes x 16 train (and val) images with unique file names, and a labeled list of 2 per
     class in SimCLR's format (one file name per line)."""
@@ -189,43 +111,127 @@ SEMI_TRAIN = ["--arch", "resnet10", "--image-size", "16", "--batch-size", "4", "
 SEMI_EVAL = ["--epochs", "2", "--batch-size", "4", "--k", "1", "3"]
 
 
-@pytest.mark.xdist_group("slurm")
-def test_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(
-        slurm_cluster, tmp_path):
-    data = str(tmp_path / "data")
-    labeled = write_semi_imagefolder(data)
-    output_dir = str(tmp_path / "runs" / "semi")
-    stdout = launch("--reproduce", "semi-cmsf-pseudo", *CPU_JOB, "--output-dir", output_dir,
-                    "--data", data, "--train-list-10pct", labeled, *SEMI_TRAIN,
-                    "--eval-args", " ".join(SEMI_EVAL), cwd=tmp_path)
-    assert sorted(re.findall(r"^(\w+): submitted job", stdout, re.M)) == [
-        "report", "semi_10pct", "semi_knn_10pct", "train"]
-    train_id = state_of(output_dir)["stages"]["train"]["job_id"]
-    log = os.path.join(output_dir, "train", "log.jsonl")
+def wait_for_file(path, job_id):
     deadline = time.time() + JOB_TIMEOUT_S
-    while not os.path.exists(log):  # signal once the first epoch is logged
-        assert time.time() < deadline and submit.reproduce.squeue_state(train_id) in (
-            "PENDING", "RUNNING"), open(os.path.join(output_dir, "jobs", train_id,
-                                                     f"{train_id}_0_log.err")).read()[-3000:]
+    while not os.path.exists(path):
+        assert time.time() < deadline and submit.reproduce.squeue_state(job_id) in (
+            "PENDING", "RUNNING"), f"job {job_id} ended before {path} appeared"
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", train_id], check=True)
-    wait_for_report(output_dir)
 
+
+@pytest.fixture(scope="module")
+def chains(slurm_cluster, tmp_path_factory):
+    """Two rows on SLURM at once (their jobs share the cluster; the test waits for both):
+    - the MSF (s/s) row, first with its linear stage made to fail (a file where its output folder
+      goes), then the same command again once the file is gone;
+    - the CMSF semi-supervised row on an ImageFolder with a 10 % list, its training sent SLURM's
+      preemption warning (USR2) after the first epoch;
+    and the same scripts run by hand meanwhile. Returns a dict of what the tests check."""
+    root = tmp_path_factory.mktemp("reproduce")
+    found = {}
+    msf_dir = str(root / "runs" / "msf-ss")
+    msf_command = ["--reproduce", "msf-ss", *CPU_JOB, "--output-dir", msf_dir, *TOY_MSF,
+                   "--eval-args", " ".join(TOY_EVAL)]
+    os.makedirs(msf_dir)
+    blocker = os.path.join(msf_dir, "linear")
+    open(blocker, "w").write("not a folder: eval_linear.py cannot write its results here\n")
+    data = str(root / "data")
+    labeled = write_semi_imagefolder(data)
+    semi_dir = str(root / "runs" / "semi")
+    found["semi_stdout"] = launch("--reproduce", "semi-cmsf-pseudo", *CPU_JOB, "--output-dir",
+                                  semi_dir, "--data", data, "--train-list-10pct", labeled,
+                                  *SEMI_TRAIN, "--eval-args", " ".join(SEMI_EVAL), cwd=root)
+    launch(*msf_command, cwd=root)
+    semi_train = state_of(semi_dir)["stages"]["train"]["job_id"]
+    wait_for_file(os.path.join(semi_dir, "train", "log.jsonl"), semi_train)  # epoch 1 logged
+    subprocess.run(["scancel", "--signal=USR2", semi_train], check=True)
+
+    found["msf_by_hand"] = hand_runs(str(root / "hand_msf"), "train_msf.py",
+                                     ["--amp", "none", "--augmentation", "strong/strong",
+                                      *TOY_MSF],
+                                     [("knn", "eval_knn.py", TOY_DATA),
+                                      ("linear", "eval_linear.py", [*TOY_DATA, *TOY_EVAL])])
+    data_flags = ["--data", data, "--arch", "resnet10", "--image-size", "16", "--workers", "0"]
+    found["semi_by_hand"] = hand_runs(
+        str(root / "hand_semi"), "train_cmsf_semi.py",
+        ["--data", data, "--labeled-list", labeled, "--amp", "none", *SEMI_TRAIN],
+        [("semi_10pct", "eval_linear.py", ["--protocol", "semi", "--train-list", labeled,
+                                           *data_flags, "--epochs", "2", "--batch-size", "4"]),
+         ("semi_knn_10pct", "eval_knn.py", ["--train-list", labeled, *data_flags,
+                                            "--batch-size", "4", "--k", "1", "3"])])
+
+    wait_for_report(msf_dir)
+    found["msf_first_report"] = json.load(open(os.path.join(msf_dir, "report.json")))
+    found["msf_failed_status"] = status_of(msf_dir)
+    os.remove(blocker)
+    found["msf_rerun"] = launch(*msf_command, cwd=root)
+    found["msf_half_status"] = status_of(msf_dir, in_process=True)
+    wait_for_report(msf_dir)
+    found["msf_finished_status"] = status_of(msf_dir, in_process=True)
+    wait_for_report(semi_dir)
+    found.update(msf_dir=msf_dir, semi_dir=semi_dir)
+    return found
+
+
+@pytest.mark.xdist_group("slurm")
+def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(chains):
+    output_dir, by_hand = chains["msf_dir"], chains["msf_by_hand"]
     report = json.load(open(os.path.join(output_dir, "report.json")))
+    assert report["row"] == "msf-ss"
+    assert {name: s["state"] for name, s in report["stages"].items()} == {
+        "train": "FINISHED", "knn": "FINISHED", "linear": "FINISHED"}
+    assert measured(report) == by_hand
+    assert set(by_hand) == {"knn_1", "knn_20", "linear"}
+    paper = {m["metric"]: (m["paper"], m["difference"]) for m in report["metrics"]}
+    assert paper["linear"] == (71.4, pytest.approx(by_hand["linear"] - 71.4))
+    assert paper["knn_20"] == (64.0, pytest.approx(by_hand["knn_20"] - 64.0))
+    markdown = open(os.path.join(output_dir, "report.md")).read()
+    assert f"| linear | {by_hand['linear']:.2f} | 71.40 | {by_hand['linear'] - 71.4:+.2f} |" \
+        in markdown
+    provenance = report["provenance"]
+    assert provenance["commit"] == subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"],
+                                                  capture_output=True, text=True).stdout.strip()
+    assert provenance["epochs"] == 1 and provenance["requeues"] == 0
+    assert provenance["command"].startswith("python train_msf.py --amp none --augmentation "
+                                            "strong/strong --dataset synthetic")
+    assert provenance["processes"] == 1 and provenance["training_seconds"] > 0
+    assert os.path.getsize(os.path.join(output_dir, "curves.png")) > 1000
+    assert "![training curves](curves.png)" in markdown
+
+
+@pytest.mark.xdist_group("slurm")
+def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chains):
+    output_dir, first_report = chains["msf_dir"], chains["msf_first_report"]
+    rerun = chains["msf_rerun"]
+    # the first run: linear failed, the others finished, and the report says so
+    assert chains["msf_failed_status"] == {"train": "FINISHED", "knn": "FINISHED",
+                                           "linear": "FAILED", "report": "FINISHED"}
+    assert first_report["stages"]["linear"]["state"] == "FAILED"
+    assert measured(first_report)["linear"] is None and measured(first_report)["knn_1"] >= 0
+    # the same command again: only linear (and the report after it) were submitted
+    assert re.search(r"^train: finished \(job \d+\), reused$", rerun, re.M)
+    assert re.search(r"^knn: finished \(job \d+\), reused$", rerun, re.M)
+    assert re.search(r"^linear: job \d+ failed \(.*\); submitted again$", rerun, re.M)
+    assert sorted(re.findall(r"^(\w+): submitted job \d+$", rerun, re.M)) == ["linear", "report"]
+    assert first_report["stages"]["train"]["job_id"] == \
+        state_of(output_dir)["stages"]["train"]["job_id"]
+    # while it ran: half finished; then finished
+    half = chains["msf_half_status"]
+    assert half["train"] == half["knn"] == "FINISHED"
+    assert half["linear"] in ("PENDING", "RUNNING") and half["report"] == "PENDING"
+    assert chains["msf_finished_status"] == dict.fromkeys(["train", "knn", "linear", "report"],
+                                                          "FINISHED")
+
+
+@pytest.mark.xdist_group("slurm")
+def test_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(chains):
+    assert sorted(re.findall(r"^(\w+): submitted job", chains["semi_stdout"], re.M)) == [
+        "report", "semi_10pct", "semi_knn_10pct", "train"]
+    report = json.load(open(os.path.join(chains["semi_dir"], "report.json")))
     assert {name: s["state"] for name, s in report["stages"].items()} == dict.fromkeys(
         ["train", "semi_10pct", "semi_knn_10pct"], "FINISHED")
     assert report["provenance"]["requeues"] == 1 and report["provenance"]["epochs"] == 3
-    data_flags = ["--data", data, "--arch", "resnet10", "--image-size", "16", "--workers", "0"]
-    by_hand = hand_runs(str(tmp_path / "hand"), "train_cmsf_semi.py",
-                        ["--data", data, "--labeled-list", labeled, "--amp", "none",
-                         *SEMI_TRAIN],
-                        [("semi_10pct", "eval_linear.py",
-                          ["--protocol", "semi", "--train-list", labeled, *data_flags,
-                           "--epochs", "2", "--batch-size", "4"]),
-                         ("semi_knn_10pct", "eval_knn.py",
-                          ["--train-list", labeled, *data_flags, "--batch-size", "4", "--k", "1",
-                           "3"])])
-    assert measured(report) == by_hand
+    assert measured(report) == chains["semi_by_hand"]
     assert {m["metric"]: m["paper"] for m in report["metrics"]} == {"semi_10pct": 69.9,
                                                                     "semi_knn_10pct": None}
 
@@ -234,23 +240,49 @@ def run_submit(*argv, cwd):
     return run_script(SUBMIT, *map(str, argv), cwd=str(cwd))
 
 
-def test_local_chain_of_the_random_init_row_runs_every_evaluation_and_reports(tmp_path):
+def test_local_chain_runs_the_stages_here_and_reports_what_they_wrote(tmp_path):
+    # the random-init row (no training), its linear stage skipped: k-NN, then the report
     output_dir = tmp_path / "random"
     result = run_submit("--reproduce", "random-init", "--local", "--output-dir", output_dir,
-                        *TOY_DATA, "--eval-args", "--epochs 1 --batch-size 16", cwd=tmp_path)
+                        *TOY_DATA, "--skip", "linear", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(re.findall(r"^(\w+): submitted job", result.stdout, re.M)) == [
-        "knn", "linear", "report"]
+    assert re.findall(r"^(\w+): submitted job", result.stdout, re.M) == ["knn", "report"]
     report = json.load(open(output_dir / "report.json"))
     knn = json.load(open(output_dir / "knn" / "knn_results.json"))
-    assert measured(report) == {
-        "linear": json.load(open(output_dir / "linear" / "linear_results.json"))["final_top1"],
-        "knn_1": knn["accuracy"]["1"]["majority_top1"],
-        "knn_20": knn["accuracy"]["20"]["majority_top1"]}
-    assert knn["weights"] == "random init"
+    assert knn["weights"] == "random init" and knn["train_images"] == 64
+    assert measured(report) == {"linear": None,  # skipped: the paper's number stays beside none
+                                "knn_1": knn["accuracy"]["1"]["majority_top1"],
+                                "knn_20": knn["accuracy"]["20"]["majority_top1"]}
+    assert {m["metric"]: m["paper"] for m in report["metrics"]} == {
+        "linear": 5.1, "knn_1": 1.5, "knn_20": 2.0}
     assert report["provenance"] == {"training": "none (this row evaluates a random "
                                                 "initialisation)"}
     assert "no training curves" in open(output_dir / "report.md").read()
+    assert [line.split()[0] for line in submit.reproduce.status_lines(str(output_dir))[1:3]] == [
+        "knn", "report"]
+    assert all(line.endswith("FINISHED") for line in
+               submit.reproduce.status_lines(str(output_dir))[1:3])
+
+
+def test_report_without_matplotlib_says_so_in_one_line(tmp_path):
+    # a finished local chain's files, its report written again where matplotlib cannot import
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "log.jsonl").write_text('{"epoch": 1, "loss": 1.0, "epoch_seconds": 2.5}\n')
+    state = {"row": "msf-ss", "command": ["slurm/submit.py"], "overrides": [], "stages": {
+        "train": {"script": "train_msf.py", "argv": [], "output_dir": str(run / "train")}}}
+    (run / "reproduce.json").write_text(json.dumps(state))
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import reproduce; reproduce.write_report(sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, os.path.join(REPO_ROOT, "slurm"), str(run)],
+                   check=True)
+    markdown = (run / "report.md").read_text()
+    assert markdown.splitlines()[-1] == ("curves not drawn: matplotlib is not installed "
+                                         "(pip install matplotlib)")
+    report = json.loads((run / "report.json").read_text())
+    assert report["curves"] is None and report["provenance"]["training_seconds"] == 2.5
+    assert report["stages"]["train"]["state"] == "NOT SUBMITTED"
+    assert not (run / "curves.png").exists()
 
 
 @pytest.mark.parametrize("argv, fragments", [
