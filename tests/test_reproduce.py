@@ -6,6 +6,7 @@ bad input that must stop before anything is submitted.
 The SLURM tests need a running cluster (`sudo bash slurm/start_local_cluster.sh`) and skip without
 one (fail under CI=true), as tests/test_slurm.py does.
 """
+import concurrent.futures
 import json
 import os
 import re
@@ -106,8 +107,11 @@ def write_semi_imagefolder(root):
     return labeled
 
 
+# 12 iterations per epoch: the preemption check (every 10 iterations) after the USR2 sent at the
+# end of epoch 1 saves mid-epoch 2
 SEMI_TRAIN = ["--arch", "resnet10", "--image-size", "16", "--batch-size", "4", "--mem-bank-size",
-              "8", "--topk", "3", "--epochs", "3", "--workers", "0", "--pseudo-batch-size", "4"]
+              "8", "--topk", "3", "--epochs", "2", "--workers", "0", "--pseudo-batch-size", "4",
+              "--knn-every", "0"]
 SEMI_EVAL = ["--epochs", "2", "--batch-size", "4", "--k", "1", "3"]
 
 
@@ -138,10 +142,13 @@ def chains(slurm_cluster, tmp_path_factory):
     data = str(root / "data")
     labeled = write_semi_imagefolder(data)
     semi_dir = str(root / "runs" / "semi")
-    found["semi_stdout"] = launch("--reproduce", "semi-cmsf-pseudo", *CPU_JOB, "--output-dir",
-                                  semi_dir, "--data", data, "--train-list-10pct", labeled,
-                                  *SEMI_TRAIN, "--eval-args", " ".join(SEMI_EVAL), cwd=root)
-    launch(*msf_command, cwd=root)
+    semi_command = ["--reproduce", "semi-cmsf-pseudo", *CPU_JOB, "--output-dir", semi_dir,
+                    "--data", data, "--train-list-10pct", labeled, *SEMI_TRAIN, "--eval-args",
+                    " ".join(SEMI_EVAL)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both submissions at once
+        semi_submitted = pool.submit(launch, *semi_command, cwd=root)
+        pool.submit(launch, *msf_command, cwd=root).result()
+        found["semi_stdout"] = semi_submitted.result()
     semi_train = state_of(semi_dir)["stages"]["train"]["job_id"]
     wait_for_file(os.path.join(semi_dir, "train", "log.jsonl"), semi_train)  # epoch 1 logged
     subprocess.run(["scancel", "--signal=USR2", semi_train], check=True)
@@ -230,7 +237,10 @@ def test_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_
     report = json.load(open(os.path.join(chains["semi_dir"], "report.json")))
     assert {name: s["state"] for name, s in report["stages"].items()} == dict.fromkeys(
         ["train", "semi_10pct", "semi_knn_10pct"], "FINISHED")
-    assert report["provenance"]["requeues"] == 1 and report["provenance"]["epochs"] == 3
+    assert report["provenance"]["requeues"] == 1 and report["provenance"]["epochs"] == 2
+    train_log = open(os.path.join(chains["semi_dir"], "jobs", report["stages"]["train"]["job_id"],
+                                  f"{report['stages']['train']['job_id']}_0_log.out")).read()
+    assert re.search(r"resumed from .*checkpoint\.pth at epoch 2, iteration 10\b", train_log)
     assert measured(report) == chains["semi_by_hand"]
     assert {m["metric"]: m["paper"] for m in report["metrics"]} == {"semi_10pct": 69.9,
                                                                     "semi_knn_10pct": None}
