@@ -177,7 +177,8 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
             raise UsageError(f"row {row.name} trains nothing to transfer; drop "
                                     f"--transfer-root")
         accepted = options_of("transfer_eval.py")
-        words = flag_words([(f, v) for f, v in eval_flags if f in accepted and f != "--datasets"])
+        words = flag_words([(f, v) for f, v in shared + eval_flags
+                            if f in accepted and f != "--datasets"])
         names = flag_value(eval_flags, "--datasets")
         names = names[0].split(",") if names else TRANSFER_DATASETS
         transfer_dir = os.path.join(output_dir, "transfer")

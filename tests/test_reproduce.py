@@ -7,6 +7,8 @@ The SLURM tests need a running cluster (`sudo bash slurm/start_local_cluster.sh`
 one (fail under CI=true), as tests/test_slurm.py does.
 """
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import re
@@ -173,6 +175,11 @@ def chains(slurm_cluster, tmp_path_factory):
     os.remove(blocker)
     found["msf_rerun"] = launch(*msf_command, cwd=root)
     found["msf_half_status"] = status_of(msf_dir, in_process=True)
+    # the same command while linear and the report are on their way (in this process: a new
+    # interpreter takes seconds, in which they could end)
+    with contextlib.redirect_stdout(io.StringIO()) as again:
+        submit.main(msf_command)
+    found["msf_while_running"] = again.getvalue()
     wait_for_report(msf_dir)
     found["msf_finished_status"] = status_of(msf_dir, in_process=True)
     wait_for_report(semi_dir)
@@ -226,6 +233,10 @@ def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chai
     half = chains["msf_half_status"]
     assert half["train"] == half["knn"] == "FINISHED"
     assert half["linear"] in ("PENDING", "RUNNING") and half["report"] == "PENDING"
+    while_running = chains["msf_while_running"]
+    assert "submitted" not in while_running
+    assert re.search(r"^report: job \d+ (PENDING|RUNNING), left alone$", while_running, re.M)
+    assert re.search(r"^train: finished \(job \d+\), reused$", while_running, re.M)
     assert chains["msf_finished_status"] == dict.fromkeys(["train", "knn", "linear", "report"],
                                                           "FINISHED")
 
@@ -272,6 +283,51 @@ def test_local_chain_runs_the_stages_here_and_reports_what_they_wrote(tmp_path):
         "knn", "report"]
     assert all(line.endswith("FINISHED") for line in
                submit.reproduce.status_lines(str(output_dir))[1:3])
+
+
+def plan(name, *words, transfer_root=None, lists=None, skip=(), eval_args=()):
+    modules = {}
+
+    def options_of(script):
+        path = os.path.join(REPO_ROOT, script)
+        modules.setdefault(script, submit.load_script(path))
+        return set(submit.script_parser(modules[script], path)._option_string_actions)
+    return submit.reproduce.plan_chain(submit.paper_rows.ROWS_BY_NAME[name], "/runs/x", "/data",
+                                       lists or {}, transfer_root, list(skip), list(words),
+                                       list(eval_args), options_of)
+
+
+def test_overrides_reach_every_stage_they_apply_to():
+    stages = plan("msf-ws-1m", "--arch", "resnet18", "--image-size", "32", "--epochs", "3",
+                  "--lr", "0.1", lists={"1pct": "/l/1.txt", "10pct": "/l/10.txt"},
+                  transfer_root="/transfer", eval_args=["--datasets", "dtd,pets", "--epochs", "5"])
+    assert list(stages) == ["train", "knn", "linear", "linear_1pct", "linear_10pct",
+                            "transfer_dtd", "transfer_pets"]
+    assert stages["train"]["argv"] == ["--data", "/data", "--amp", "none", "--arch", "resnet18",
+                                       "--image-size", "32", "--epochs", "3", "--lr", "0.1",
+                                       "--output-dir", "/runs/x/train"]
+    weights = ["--weights", "/runs/x/train/checkpoint.pth"]
+    data = ["--data", "/data", "--arch", "resnet18", "--image-size", "32"]
+    # the network and data reach the evaluations; the training recipe (--epochs, --lr) does not,
+    # --eval-args go to the evaluations that take them
+    assert stages["knn"]["argv"] == [*data, *weights, "--output-dir", "/runs/x/knn"]
+    assert stages["linear_1pct"]["argv"] == ["--train-list", "/l/1.txt", *data, "--epochs", "5",
+                                             *weights, "--output-dir", "/runs/x/linear_1pct"]
+    assert stages["transfer_pets"]["argv"] == ["--data-root", "/transfer", "--datasets", "pets",
+                                               "--arch", "resnet18", "--image-size", "32",
+                                               *weights, "--output-dir", "/runs/x/transfer"]
+    assert all(stages[name]["after"] == "train" for name in stages if name != "train")
+
+
+def test_semi_rows_fill_the_labeled_list_in_training_and_evaluation():
+    stages = plan("semi-cmsf-pseudo-1pct", lists={"1pct": "/l/1.txt"})
+    assert stages["train"]["argv"][:4] == ["--data", "/data", "--labeled-list", "/l/1.txt"]
+    assert stages["semi_1pct"]["argv"][:4] == ["--protocol", "semi", "--train-list", "/l/1.txt"]
+    assert stages["semi_knn_1pct"]["argv"][:2] == ["--train-list", "/l/1.txt"]
+    # the random-init row trains nothing: its evaluations load no weights
+    stages = plan("random-init", "--dataset", "synthetic")
+    assert list(stages) == ["knn", "linear"]
+    assert stages["knn"]["argv"] == ["--dataset", "synthetic", "--output-dir", "/runs/x/knn"]
 
 
 def test_report_without_matplotlib_says_so_in_one_line(tmp_path):
