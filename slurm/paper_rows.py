@@ -1,6 +1,7 @@
-"""The papers' table rows as data: the command of each row, the evaluations that belong to it and the
-papers' numbers for each. `python slurm/submit.py --reproduce ROW` runs a row from here; the README's
-tables and the training scripts' docstring rows are tested against it (tests/test_paper_rows.py).
+"""The papers' table rows as data: the command of each row, the evaluations that belong to it and
+the papers' numbers for each. `python slurm/submit.py --reproduce ROW` runs a row from here; the
+README's tables and the training scripts' docstring rows are tested against it
+(tests/test_paper_rows.py).
 
 A row's command is the README's, word for word. Words that stand for the user's data are filled in
 by slurm/submit.py --reproduce: $IMNET, $CIFAR and $STL by --data, 10percent.txt and 1percent.txt by
@@ -33,7 +34,8 @@ def knn_linear(linear, knn_1, knn_20):
     return {"linear": linear, "knn_1": knn_1, "knn_20": knn_20}
 
 
-SMALL = "--arch resnet18 --image-size {size} --epochs 800 --lr 0.06 --wd 5e-4 --mem-bank-size {bank}"
+SMALL = ("--arch resnet18 --image-size {size} --epochs 800 --lr 0.06 --wd 5e-4 "
+         "--mem-bank-size {bank}")
 
 ROWS = [
     # MSF table
@@ -66,8 +68,9 @@ ROWS = [
     Row("random-init", "msf", "random init", "python eval_knn.py --data $IMNET", KNN_LINEAR,
         knn_linear(5.1, 1.5, 2.0)),
     # CMSF table
-    Row("cmsf-2q", "cmsf", "CMSF self 2Q (128K)", "python train_cmsf_self.py --data $IMNET --amp none",
-        KNN_LINEAR, knn_linear(73.0, 63.2, 66.4)),
+    Row("cmsf-2q", "cmsf", "CMSF self 2Q (128K)",
+        "python train_cmsf_self.py --data $IMNET --amp none", KNN_LINEAR,
+        knn_linear(73.0, 63.2, 66.4)),
     Row("cmsf-km", "cmsf", "CMSF-KM",
         "python train_cmsf_self.py --data $IMNET --amp none --constraint kmeans", KNN_LINEAR,
         knn_linear(72.9, 63.2, 66.2)),

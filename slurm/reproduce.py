@@ -1,11 +1,11 @@
 """One paper row end to end: the stages of `slurm/submit.py --reproduce ROW`, their state, and the
 report that puts each measured number beside the paper's.
 
-A chain lives in its output folder: reproduce.json (the row, the flags, every stage's command and job
-id; written atomically), one folder per stage (train/, knn/, linear/, ...), jobs/<job id>/ (submitit's
-logs and result files), and at the end report.md, report.json and curves.png. A stage is finished
-when its job wrote a successful result; it is active while SLURM still runs or queues it; else it
-failed (or was never submitted) and the next run of the same command submits it again.
+A chain lives in its output folder: reproduce.json (the row, the flags, every stage's command and
+job id; written atomically), one folder per stage (train/, knn/, linear/, ...), jobs/<job id>/
+(submitit's logs and result files), and at the end report.md, report.json and curves.png. A stage
+is finished when its job wrote a successful result; it is active while SLURM still runs or queues
+it; else it failed (or was never submitted) and the next run of the same command submits it again.
 
 This module submits nothing itself (slurm/submit.py does, with submitit); the report job imports it
 to write the report.
@@ -54,7 +54,8 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 
 
 def parse_flags(words):
-    """['--a', '1', '--b', '--c', 'x', 'y'] -> [('--a', ['1']), ('--b', []), ('--c', ['x', 'y'])]."""
+    """['--a', '1', '--b', '--c', 'x', 'y'] -> [('--a', ['1']), ('--b', []), ('--c', ['x', 'y'])].
+    """
     flags = []
     for word in words:
         if word.startswith("--"):
@@ -64,7 +65,7 @@ def parse_flags(words):
             flags[-1][1].append(word)
         else:
             raise UsageError(f"{word!r} is not a flag; give flags after the row name, e.g. "
-                                    f"--epochs 2")
+                             f"--epochs 2")
     return flags
 
 
@@ -105,14 +106,14 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
     for flag, _ in override_flags + parse_flags(eval_args):
         if flag in OWN_FLAGS:
             raise UsageError(f"{flag} is set by the chain (its stages write into "
-                                    f"--output-dir {output_dir}); drop it")
+                             f"--output-dir {output_dir}); drop it")
     trains = script.startswith("train_")
     flags = merge_flags(parse_flags(row_words), override_flags)
     unknown = [flag for flag, _ in override_flags
                if flag not in options_of(script) and flag not in EVALUATION_FLAGS]
     if unknown:
         raise UsageError(f"{script} has no {unknown[0]} (row {row.name}); see python "
-                                f"{script} --help")
+                         f"{script} --help")
     synthetic = flag_value(flags, "--dataset") == ["synthetic"]
     if synthetic:  # built-in data: no path to fill in
         flags = [(f, v) for f, v in flags if f != "--data"]
@@ -124,8 +125,8 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
             if word in DATA_WORDS:
                 if not data:
                     raise UsageError(f"row {row.name} reads {word} (its command: "
-                                            f"{row.command}): give --data /path/to/the/data, or "
-                                            f"--dataset synthetic after the row name to try it")
+                                     f"{row.command}): give --data /path/to/the/data, or "
+                                     f"--dataset synthetic after the row name to try it")
                 word = data
             elif word in LIST_WORDS:
                 if not lists[word]:
@@ -137,8 +138,8 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
             elif word in EXAMPLE_FILES:
                 flag = next(f for f, v in flags if word in v)
                 raise UsageError(f"row {row.name} names the example file {word} "
-                                        f"({flag}): give your file after the row name, e.g. "
-                                        f"{flag} /path/to/{word}")
+                                 f"({flag}): give your file after the row name, e.g. "
+                                 f"{flag} /path/to/{word}")
             filled.append(word)
         return filled
 
@@ -154,7 +155,7 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
     for name in skip:
         if name not in row.evaluations:
             raise UsageError(f"--skip {name}: row {row.name} has no such evaluation; its "
-                                    f"evaluations: {', '.join(row.evaluations)}")
+                             f"evaluations: {', '.join(row.evaluations)}")
     for name in evaluations:
         if name in skip:
             continue
@@ -170,12 +171,12 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
     wants_transfer = "transfer" in row.evaluations and "transfer" not in skip
     if wants_transfer and not transfer_root:
         raise UsageError(f"row {row.name} has the paper's transfer numbers: give "
-                                f"--transfer-root DIR (one folder per dataset, see transfer_eval.py "
-                                f"--help), or --skip transfer")
+                         f"--transfer-root DIR (one folder per dataset, see transfer_eval.py "
+                         f"--help), or --skip transfer")
     if transfer_root and "transfer" not in skip:
         if not trains:
             raise UsageError(f"row {row.name} trains nothing to transfer; drop "
-                                    f"--transfer-root")
+                             f"--transfer-root")
         accepted = options_of("transfer_eval.py")
         words = flag_words([(f, v) for f, v in shared + eval_flags
                             if f in accepted and f != "--datasets"])
@@ -192,7 +193,7 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
                          for name, stage in stages.items() if name != "train")]
     if unused:
         raise UsageError(f"--eval-args {unused[0]}: no evaluation of row {row.name} takes "
-                                f"it")
+                         f"it")
     return stages
 
 
@@ -280,7 +281,7 @@ def status_lines(output_dir):
     state = read_state(output_dir)
     if state is None:
         raise UsageError(f"{output_dir} holds no {STATE_FILE}: give the --output-dir of a "
-                                f"`slurm/submit.py --reproduce` chain")
+                         f"`slurm/submit.py --reproduce` chain")
     lines = [f"row {state['row']} in {output_dir}"]
     for name, stage in state["stages"].items():
         value, detail = stage_state(stage)

@@ -25,6 +25,15 @@ which requeues the job through Trainer.checkpoint(); the requeued job resumes fr
 
 Job logs go to --job-dir (default output/slurm/%j, %j = the job id); --output-dir of the script
 defaults to that folder too.
+
+One row of the papers' tables (slurm/paper_rows.py), end to end: the training, then every
+evaluation of the row (afterok), then a job that writes report.md beside the paper's numbers
+(afterany). Re-running the same command submits only the stages that have not finished.
+
+  python slurm/submit.py --reproduce list
+  python slurm/submit.py --reproduce msf-ws-256k --gpus-per-node 8 --data /imagenet \
+      --output-dir runs/msf-ws-256k
+  python slurm/submit.py --status runs/msf-ws-256k
 """
 import argparse
 import copy
@@ -39,8 +48,9 @@ import time
 import submitit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+for folder in (REPO_ROOT, os.path.join(REPO_ROOT, "slurm")):  # also when imported from elsewhere
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 import common  # noqa: E402
 import paper_rows  # noqa: E402
 import reproduce  # noqa: E402

@@ -352,8 +352,8 @@ def test_report_without_matplotlib_says_so_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--reproduce", "msf-ss-1m"], ["no paper row 'msf-ss-1m'", "closest: msf-ws-1m, msf-ss", "--reproduce "
-                                                                                   "list"]),
+    (["--reproduce", "msf-ss-1m"], ["no paper row 'msf-ss-1m'", "closest: msf-ws-1m, msf-ss",
+                                    "--reproduce list"]),
     (["--reproduce", "msf-ss"], ["reads $IMNET", "give --data"]),
     (["--reproduce", "msf-ws-1m", *TOY_DATA], ["linear_1pct", "--train-list-1pct FILE",
                                                "--skip linear_1pct"]),
