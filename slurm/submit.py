@@ -281,6 +281,22 @@ def submit_command(argv):
     return [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
 
 
+def tasks_per_node_of(opts):
+    """Processes per node of the job, after checking the resource options fit together."""
+    if opts.gpus_per_node < 0 or opts.nodes < 1:
+        raise common.UsageError("--gpus-per-node must be >= 0 and --nodes >= 1")
+    if opts.gpus_per_node and opts.tasks_per_node not in (None, opts.gpus_per_node):
+        raise common.UsageError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node "
+                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop "
+                                f"--tasks-per-node")
+    if opts.local and opts.nodes > 1:
+        raise common.UsageError("--local runs on this machine only: use --nodes 1")
+    if not opts.local and shutil.which("sbatch") is None:
+        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local "
+                                "to try it here")
+    return opts.gpus_per_node or opts.tasks_per_node or 1
+
+
 def main(argv=None):
     # A job unpickles Trainer, whose code imports common: the repo must be on the job's path
     # whichever folder the command was typed in (sbatch and the local executor pass the
@@ -299,18 +315,7 @@ def main(argv=None):
     args = script_args_of(module, script_path, opts.script_args)
     job_dir = os.path.abspath(opts.job_dir)
     extra = parse_extra(opts.slurm_extra)
-    if opts.gpus_per_node < 0 or opts.nodes < 1:
-        raise common.UsageError("--gpus-per-node must be >= 0 and --nodes >= 1")
-    if opts.gpus_per_node and opts.tasks_per_node not in (None, opts.gpus_per_node):
-        raise common.UsageError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node "
-                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop "
-                                f"--tasks-per-node")
-    tasks_per_node = opts.gpus_per_node or opts.tasks_per_node or 1
-    if opts.local and opts.nodes > 1:
-        raise common.UsageError("--local runs on this machine only: use --nodes 1")
-    if not opts.local and shutil.which("sbatch") is None:
-        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local "
-                                "to try it here")
+    tasks_per_node = tasks_per_node_of(opts)
     name = opts.job_name or os.path.splitext(os.path.basename(script_path))[0]
     if opts.array:
         return submit_array(opts, module, script_path, args, job_dir, tasks_per_node, name, extra,
@@ -463,30 +468,15 @@ def reproduce_main(argv):
                                     f"{'folder' if kind is os.path.isdir else 'file'}")
     absolute = lambda path: path and os.path.abspath(path)  # noqa: E731
     output_dir = os.path.abspath(opts.output_dir or os.path.join("runs", row.name))
-    modules = {}
-
-    def parser_of(script):
-        if script not in modules:
-            modules[script] = load_script(script_path_of(script))
-        return script_parser(modules[script], script_path_of(script))
-
-    def options_of(script):
-        return set(parser_of(script)._option_string_actions)
-
+    parsers = StageParsers()
     skip = [name for item in opts.skip for name in item.split(",") if name]
     stages = reproduce.plan_chain(
         row, output_dir, absolute(opts.data),
         {"10pct": absolute(opts.train_list_10pct), "1pct": absolute(opts.train_list_1pct)},
-        absolute(opts.transfer_root), skip, overrides, shlex.split(opts.eval_args), options_of)
+        absolute(opts.transfer_root), skip, overrides, shlex.split(opts.eval_args),
+        parsers.options_of)
     # every stage's command parsed now, so a bad value stops the chain before anything is submitted
-    parsed = {}
-    for name, stage in stages.items():
-        parser = parser_of(stage["script"])
-        parser.exit_on_error = False  # a bad value: one error line, not argparse's usage text
-        try:
-            parsed[name] = common.parse_args_noting_given(parser, stage["argv"])
-        except argparse.ArgumentError as e:
-            raise common.UsageError(f"stage {name} ({stage['script']}): {e}") from None
+    parsed = {name: parsers.parse(name, stage) for name, stage in stages.items()}
     previous = reproduce.read_state(output_dir)
     if previous and previous["row"] != row.name:
         raise common.UsageError(f"{output_dir} holds a run of row {previous['row']}; give "
@@ -496,32 +486,70 @@ def reproduce_main(argv):
                                 f"{' '.join(previous['overrides']) or '(none)'}, not "
                                 f"{' '.join(overrides) or '(none)'}; rerun with those, or give "
                                 f"another --output-dir")
-    if opts.gpus_per_node < 0 or opts.nodes < 1:
-        raise common.UsageError("--gpus-per-node must be >= 0 and --nodes >= 1")
-    if opts.gpus_per_node and opts.tasks_per_node not in (None, opts.gpus_per_node):
-        raise common.UsageError(f"--tasks-per-node {opts.tasks_per_node} with --gpus-per-node "
-                                f"{opts.gpus_per_node}: GPU jobs run one task per GPU; drop "
-                                f"--tasks-per-node")
-    if opts.local and opts.nodes > 1:
-        raise common.UsageError("--local runs on this machine only: use --nodes 1")
-    if not opts.local and shutil.which("sbatch") is None:
-        raise common.UsageError("sbatch not found: run this on a SLURM login node, or pass --local "
-                                "to run the chain here")
+    tasks_per_node = tasks_per_node_of(opts)
     extra = parse_extra(opts.slurm_extra)
-    tasks_per_node = opts.gpus_per_node or opts.tasks_per_node or 1
-
-    old_stages = previous["stages"] if previous else {}
     state = {"row": row.name, "command": submit_command(argv), "overrides": overrides,
              "resources": f"{opts.nodes} node(s) x {opts.gpus_per_node} GPU(s), "
-                          f"{tasks_per_node} task(s) per node"
-                          + (", local" if opts.local else ""),
+                          f"{tasks_per_node} task(s) per node" + (", local" if opts.local else ""),
              "stages": {}}
-    to_run, waiting_on = [], {}  # stages to submit; active stage -> its job id
-    for name, stage in [*stages.items(), ("report", {"script": None, "argv": [],
-                                                     "output_dir": output_dir, "after": "all"})]:
+    stages["report"] = {"script": None, "argv": [], "output_dir": output_dir, "after": "all"}
+    to_run, active = stages_to_run(stages, previous["stages"] if previous else {}, state)
+    if not to_run:
+        print(f"every stage has finished or is on its way; report: "
+              f"{os.path.join(output_dir, 'report.md')}", flush=True)
+        reproduce.write_state(output_dir, state)
+        return 0
+    if opts.local and active:
+        raise common.UsageError(f"stage {next(iter(active))} of this chain still runs on this "
+                                f"machine (process {next(iter(active.values()))}); rerun once it "
+                                f"has ended")
+    reproduce.write_state(output_dir, state)
+    chain = Chain(opts, row, output_dir, state, tasks_per_node, extra,
+                  {name: Trainer(script_path_of(stage["script"]), parsed[name],
+                                 [script_path_of(stage["script"]), *stage["argv"]])
+                   for name, stage in stages.items() if name != "report"})
+    if opts.local:
+        return chain.run_here(to_run)
+    return chain.submit(to_run, active)
+
+
+class StageParsers:
+    """The parser of each stage's script (each script imported once), for checking and parsing
+    the stage commands as the jobs will."""
+
+    def __init__(self):
+        self.modules = {}
+
+    def parser_of(self, script):
+        if script not in self.modules:
+            self.modules[script] = load_script(script_path_of(script))
+        return script_parser(self.modules[script], script_path_of(script))
+
+    def options_of(self, script):
+        return set(self.parser_of(script)._option_string_actions)
+
+    def parse(self, name, stage):
+        parser = self.parser_of(stage["script"])
+        parser.exit_on_error = False  # a bad value: one error line, not argparse's usage text
+        try:
+            return common.parse_args_noting_given(parser, stage["argv"])
+        except argparse.ArgumentError as e:
+            raise common.UsageError(f"stage {name} ({stage['script']}): {e}") from None
+
+
+def stages_to_run(stages, old_stages, state):
+    """Which stages to submit, given the chain's earlier jobs: a finished one is reused, a queued
+    or running one left alone (both keep their record in `state`), a failed one, one whose command
+    changed and a new one are submitted; the report is submitted again whenever anything else is.
+    Returns (stages to submit, {active stage: job id})."""
+    to_run, active = [], {}
+    for name, stage in stages.items():
         old = old_stages.get(name)
-        if old and old.get("job_id") and old["argv"] == stage["argv"] and (
-                name != "report" or not to_run):
+        reusable = old and old.get("job_id") and (name != "report" or not to_run)
+        if reusable and old["argv"] != stage["argv"]:
+            print(f"{name}: its command changed since job {old['job_id']}; submitted again",
+                  flush=True)
+        elif reusable:
             value, detail = reproduce.stage_state(old)
             if value == "FINISHED":
                 print(f"{name}: finished (job {old['job_id']}), reused", flush=True)
@@ -530,91 +558,94 @@ def reproduce_main(argv):
             if value in reproduce.ACTIVE_STATES:
                 print(f"{name}: job {old['job_id']} {value}, left alone", flush=True)
                 state["stages"][name] = old
-                waiting_on[name] = old["job_id"]
+                active[name] = old["job_id"]
                 continue
             print(f"{name}: job {old['job_id']} failed ({detail}); submitted again", flush=True)
-        state["stages"][name] = dict(stage)
+        elif name == "report" and old and old.get("job_id") and not old.get("local"):
+            value, _ = reproduce.stage_state(old)
+            if value in reproduce.ACTIVE_STATES:  # it would report on the jobs replaced now
+                subprocess.run(["scancel", old["job_id"]], capture_output=True)
+        state["stages"][name] = dict(stage)  # a stage submitted again starts clean
         to_run.append(name)
-    if not to_run:
-        print(f"every stage has finished or is on its way; report: "
-              f"{os.path.join(output_dir, 'report.md')}", flush=True)
-        reproduce.write_state(output_dir, state)
-        return 0
-    for name in to_run:  # a stage submitted again starts clean
-        state["stages"][name].pop("job_id", None)
-    reproduce.write_state(output_dir, state)
-    job_folder = os.path.join(output_dir, "jobs", "%j")
+    return to_run, active
 
-    def executor_for(name, after_ids, all_ended=False):
-        extra_here = dict(extra)
+
+class Chain:
+    """Submits the stages of one row: on SLURM with dependencies, or here one after another."""
+
+    def __init__(self, opts, row, output_dir, state, tasks_per_node, extra, trainers):
+        self.opts, self.row, self.output_dir, self.state = opts, row, output_dir, state
+        self.tasks_per_node, self.extra, self.trainers = tasks_per_node, extra, trainers
+        self.job_folder = os.path.join(output_dir, "jobs", "%j")
+        self.reporter = Reporter(os.path.join(REPO_ROOT, "slurm", "reproduce.py"), output_dir)
+
+    def executor(self, name, after_ids=(), all_ended=False):
+        extra = dict(self.extra)
         if after_ids:
             kind = "afterany" if all_ended else "afterok"
-            extra_here["dependency"] = f"{kind}:" + ":".join(after_ids)
+            extra["dependency"] = f"{kind}:" + ":".join(after_ids)
             if not all_ended:  # a failed training cancels its evaluations: the report still runs
-                extra_here["kill-on-invalid-dep"] = "yes"
+                extra["kill-on-invalid-dep"] = "yes"
         if name == "report":
-            return make_executor(opts, job_folder, 1, 0, 1, 30, f"{row.name}_report", extra_here)
-        return make_executor(opts, job_folder, opts.nodes, opts.gpus_per_node, tasks_per_node,
-                             opts.time, f"{row.name}_{name}", extra_here)
+            return make_executor(self.opts, self.job_folder, 1, 0, 1, 30,
+                                 f"{self.row.name}_report", extra)
+        return make_executor(self.opts, self.job_folder, self.opts.nodes, self.opts.gpus_per_node,
+                             self.tasks_per_node, self.opts.time, f"{self.row.name}_{name}", extra)
 
-    def job_of(name):
-        stage = stages[name]
-        command = [script_path_of(stage["script"]), *stage["argv"]]
-        return Trainer(script_path_of(stage["script"]), parsed[name], command)
-
-    def record(name, job):
-        state["stages"][name].update(job_id=str(job.job_id), job_folder=job_folder,
-                                     local=opts.local, submitted=time.strftime("%H:%M:%S"))
-        reproduce.write_state(output_dir, state)
+    def record(self, name, job):
+        self.state["stages"][name].update(job_id=str(job.job_id), job_folder=self.job_folder,
+                                          local=self.opts.local,
+                                          submitted=time.strftime("%Y-%m-%d %H:%M:%S"))
+        reproduce.write_state(self.output_dir, self.state)
         print(f"{name}: submitted job {job.job_id}", flush=True)
 
-    reporter = Reporter(os.path.join(REPO_ROOT, "slurm", "reproduce.py"), output_dir)
-    if opts.local:  # one stage after another, each waited for
+    def run_here(self, to_run):
+        """--local: each stage waited for before the next; returns 1 if one failed."""
         failed = []
         for name in to_run:
-            after = state["stages"][name]["after"]
-            if after == "train" and "train" in failed:
+            if self.state["stages"][name]["after"] == "train" and "train" in failed:
                 print(f"{name}: not run (the training failed)", flush=True)
                 continue
-            job = executor_for(name, []).submit(reporter if name == "report" else job_of(name))
-            record(name, job)
+            job = self.executor(name).submit(self.trainers.get(name, self.reporter))
+            self.record(name, job)
             try:
                 wait_for_results(job, poll_s=0.2)
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError,
                     TimeoutError) as e:
                 failed.append(name)
                 print(f"{name}: failed ({str(e).strip().splitlines()[-1][:300]})", flush=True)
-        print(f"report: {os.path.join(output_dir, 'report.md')}", flush=True)
+        print(f"report: {os.path.join(self.output_dir, 'report.md')}", flush=True)
         return 1 if failed else 0
 
-    train_ids = [waiting_on["train"]] if "train" in waiting_on else []
-    if "train" in to_run:
-        job = executor_for("train", []).submit(job_of("train"))
-        record("train", job)
-        train_ids = [str(job.job_id)]
-    evaluations = [name for name in to_run if name not in ("train", "report")]
-    transfer = [name for name in evaluations if name.startswith("transfer_")]
-    for name in evaluations:
-        if name not in transfer:
-            record(name, executor_for(name, train_ids).submit(job_of(name)))
-    if transfer:  # one array, one task per dataset
-        executor = executor_for(transfer[0], train_ids)
-        with executor.batch():
-            jobs = [executor.submit(job_of(name)) for name in transfer]
-        for name, job in zip(transfer, jobs):
-            record(name, job)
-    running = [s["job_id"] for name, s in state["stages"].items()
-               if name != "report" and (name in to_run or name in waiting_on)]
-    report_job = executor_for("report", running, all_ended=True).submit(reporter)
-    record("report", report_job)
-    print(f"report after jobs {', '.join(running) or '(none)'} end: "
-          f"{os.path.join(output_dir, 'report.md')}\n  status: python slurm/submit.py --status "
-          f"{output_dir}", flush=True)
-    if opts.wait:
-        wait_for_results(report_job, timeout_s=None)
-        print(f"report written: {os.path.join(output_dir, 'report.md')}", flush=True)
-    return 0
-
+    def submit(self, to_run, active):
+        """SLURM: training, its evaluations (afterok), then the report (afterany of all)."""
+        train_ids = [active["train"]] if "train" in active else []
+        if "train" in to_run:
+            job = self.executor("train").submit(self.trainers["train"])
+            self.record("train", job)
+            train_ids = [str(job.job_id)]
+        evaluations = [name for name in to_run if name not in ("train", "report")]
+        transfer = [name for name in evaluations if name.startswith("transfer_")]
+        for name in evaluations:
+            if name not in transfer:
+                self.record(name, self.executor(name, train_ids).submit(self.trainers[name]))
+        if transfer:  # one array, one task per dataset
+            executor = self.executor(transfer[0], train_ids)
+            with executor.batch():
+                jobs = [executor.submit(self.trainers[name]) for name in transfer]
+            for name, job in zip(transfer, jobs):
+                self.record(name, job)
+        ahead = [stage["job_id"] for name, stage in self.state["stages"].items()
+                 if name != "report" and (name in to_run or name in active)]
+        report_job = self.executor("report", ahead, all_ended=True).submit(self.reporter)
+        self.record("report", report_job)
+        report = os.path.join(self.output_dir, "report.md")
+        print(f"report after jobs {', '.join(ahead) or '(none)'} end: {report}\n  status: python "
+              f"slurm/submit.py --status {self.output_dir}", flush=True)
+        if self.opts.wait:
+            wait_for_results(report_job)
+            print(f"report written: {report}", flush=True)
+        return 0
 
 if __name__ == "__main__":
     try:

@@ -28,6 +28,10 @@ from test_slurm import CPU_JOB, JOB_TIMEOUT_S, cluster_problem, launch  # noqa: 
 sys.path.insert(0, os.path.join(REPO_ROOT, "slurm"))
 import submit  # noqa: E402
 
+# pytest-xdist: in one worker with tests/test_slurm.py, so that their jobs queue one after another on
+# the one-node cluster, and the module's chains are set up once
+pytestmark = pytest.mark.xdist_group("slurm")
+
 SUBMIT = os.path.join(REPO_ROOT, "slurm", "submit.py")
 # The MSF (s/s) row at toy scale: 64 synthetic images, 4 iterations, evaluations just as small
 TOY_DATA = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet10",
@@ -187,7 +191,6 @@ def chains(slurm_cluster, tmp_path_factory):
     return found
 
 
-@pytest.mark.xdist_group("slurm")
 def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(chains):
     output_dir, by_hand = chains["msf_dir"], chains["msf_by_hand"]
     report = json.load(open(os.path.join(output_dir, "report.json")))
@@ -213,7 +216,6 @@ def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(chains):
     assert "![training curves](curves.png)" in markdown
 
 
-@pytest.mark.xdist_group("slurm")
 def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chains):
     output_dir, first_report = chains["msf_dir"], chains["msf_first_report"]
     rerun = chains["msf_rerun"]
@@ -241,7 +243,6 @@ def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chai
                                                           "FINISHED")
 
 
-@pytest.mark.xdist_group("slurm")
 def test_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(chains):
     assert sorted(re.findall(r"^(\w+): submitted job", chains["semi_stdout"], re.M)) == [
         "report", "semi_10pct", "semi_knn_10pct", "train"]
