@@ -28,8 +28,8 @@ from test_slurm import CPU_JOB, JOB_TIMEOUT_S, cluster_problem, launch  # noqa: 
 sys.path.insert(0, os.path.join(REPO_ROOT, "slurm"))
 import submit  # noqa: E402
 
-# pytest-xdist: in one worker with tests/test_slurm.py, so that their jobs queue one after another on
-# the one-node cluster, and the module's chains are set up once
+# pytest-xdist: meant to put these tests in one worker with tests/test_slurm.py (their jobs share
+# the one-node cluster)
 pytestmark = pytest.mark.xdist_group("slurm")
 
 SUBMIT = os.path.join(REPO_ROOT, "slurm", "submit.py")
@@ -191,7 +191,15 @@ def chains(slurm_cluster, tmp_path_factory):
     return found
 
 
-def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(chains):
+def test_rows_on_slurm_report_the_hand_run_numbers_survive_preemption_and_a_failed_stage(chains):
+    # one test, so that the chains run once: pytest-xdist's grouping does not hold on pytest 9,
+    # which would set the module fixture up again in another worker
+    check_msf_row_reports_the_numbers_of_the_scripts_run_by_hand(chains)
+    check_failed_stage_is_submitted_again_alone_and_status_names_every_state(chains)
+    check_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(chains)
+
+
+def check_msf_row_reports_the_numbers_of_the_scripts_run_by_hand(chains):
     output_dir, by_hand = chains["msf_dir"], chains["msf_by_hand"]
     report = json.load(open(os.path.join(output_dir, "report.json")))
     assert report["row"] == "msf-ss"
@@ -216,7 +224,7 @@ def test_msf_row_chain_reports_the_numbers_of_the_scripts_run_by_hand(chains):
     assert "![training curves](curves.png)" in markdown
 
 
-def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chains):
+def check_failed_stage_is_submitted_again_alone_and_status_names_every_state(chains):
     output_dir, first_report = chains["msf_dir"], chains["msf_first_report"]
     rerun = chains["msf_rerun"]
     # the first run: linear failed, the others finished, and the report says so
@@ -243,7 +251,7 @@ def test_failed_stage_is_submitted_again_alone_and_status_names_every_state(chai
                                                           "FINISHED")
 
 
-def test_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(chains):
+def check_semi_row_preempted_in_training_ends_with_the_numbers_of_the_scripts_by_hand(chains):
     assert sorted(re.findall(r"^(\w+): submitted job", chains["semi_stdout"], re.M)) == [
         "report", "semi_10pct", "semi_knn_10pct", "train"]
     report = json.load(open(os.path.join(chains["semi_dir"], "report.json")))
