@@ -13,6 +13,7 @@ to write the report.
 import json
 import os
 import pickle
+import re
 import shlex
 import subprocess
 import sys
@@ -272,6 +273,22 @@ def stage_state(stage):
     return "FAILED", f"SLURM: {live}, no result; see {stage_log(stage, 'err')}"
 
 
+def wall_seconds(stage):
+    """Seconds from the job's first start to its successful end (requeues included), from the
+    timestamps of submitit's log lines; None before it has finished."""
+    if not stage.get("job_id") or not os.path.isfile(stage_log(stage, "out")):
+        return None
+    with open(stage_log(stage, "out"), errors="replace") as f:
+        stamps = re.findall(r"^submitit INFO \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\) - "
+                            r"(Starting|Job completed successfully)", f.read(), re.M)
+    starts = [t for t, what in stamps if what == "Starting"]
+    ends = [t for t, what in stamps if what != "Starting"]
+    if not starts or not ends:
+        return None
+    seconds = [time.mktime(time.strptime(t, "%Y-%m-%d %H:%M:%S")) for t in (starts[0], ends[-1])]
+    return seconds[1] - seconds[0]
+
+
 def stage_log(stage, kind):
     job_id = stage["job_id"]
     return os.path.join(stage["job_folder"].replace("%j", job_id), f"{job_id}_0_log.{kind}")
@@ -356,7 +373,7 @@ def training_provenance(stages, resources):
             "processes": record.get("world_size"),
             "gpu": record.get("versions", {}).get("gpu", "none"),
             "host": record.get("host"), "slurm_job": stage.get("job_id"),
-            "epochs": len(epochs),
+            "wall_seconds": wall_seconds(stage), "epochs": len(epochs),
             "training_seconds": round(sum(e.get("epoch_seconds", 0) for e in epochs), 1),
             "requeues": logs.count("Requeued job")}
 
@@ -408,6 +425,7 @@ def write_report(output_dir):
         if name == "report":
             continue
         stage_states[name] = {"state": value, "detail": detail, "job_id": stage.get("job_id"),
+                              "wall_seconds": wall_seconds(stage),
                               "command": " ".join(["python", stage["script"], *stage["argv"]])}
     provenance = training_provenance(stages, state.get("resources"))
     curves, curves_note = draw_curves(stages, output_dir)
@@ -425,10 +443,11 @@ def write_report(output_dir):
         difference = "–" if m["difference"] is None else f"{m['difference']:+.2f}"
         lines.append(f"| {m['metric']} | {number(m['measured'])} | {number(m['paper'])} | "
                      f"{difference} |")
-    lines += ["", "| stage | job | state | command |", "|---|---|---|---|"]
+    lines += ["", "| stage | job | state | wall s | command |", "|---|---|---|---|---|"]
     for name, s in stage_states.items():
         detail = f" ({s['detail']})" if s["detail"] else ""
-        lines.append(f"| {name} | {s['job_id'] or '-'} | {s['state']}{detail} | "
+        wall = "–" if s["wall_seconds"] is None else f"{s['wall_seconds']:.0f}"
+        lines.append(f"| {name} | {s['job_id'] or '-'} | {s['state']}{detail} | {wall} | "
                      f"`{s['command']}` |")
     lines += ["", "Provenance of the training: " + ", ".join(
         f"{key} {value}" for key, value in provenance.items() if value is not None), ""]
