@@ -95,7 +95,7 @@ def flag_value(flags, name):
 
 
 class UsageError(Exception):
-    """Bad input; slurm/submit.py prints it as one `error:` line (UsageError there)."""
+    """Bad input: slurm/submit.py prints it as one `error:` line, as it does common.UsageError."""
 
 
 def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, overrides, eval_args,
@@ -114,7 +114,7 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
                if flag not in options_of(script) and flag not in EVALUATION_FLAGS]
     if unknown:
         raise UsageError(f"{script} has no {unknown[0]} (row {row.name}); see python "
-                         f"{script} --help")
+                         f"{script} --help (flags of the evaluations only go in --eval-args)")
     synthetic = flag_value(flags, "--dataset") == ["synthetic"]
     if synthetic:  # built-in data: no path to fill in
         flags = [(f, v) for f, v in flags if f != "--data"]
@@ -183,6 +183,10 @@ def plan_chain(row, output_dir, data, train_lists, transfer_root, skip, override
                             if f in accepted and f != "--datasets"])
         names = flag_value(eval_flags, "--datasets")
         names = names[0].split(",") if names else TRANSFER_DATASETS
+        unknown = [name for name in names if name not in TRANSFER_DATASETS]
+        if unknown:
+            raise UsageError(f"--datasets {unknown[0]}: not a transfer dataset; choose from "
+                             f"{','.join(TRANSFER_DATASETS)}")
         transfer_dir = os.path.join(output_dir, "transfer")
         for dataset in names:
             stages[f"transfer_{dataset}"] = {

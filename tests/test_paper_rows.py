@@ -174,5 +174,10 @@ def test_rows_have_what_reproduce_needs():
         known = {m for name in row.evaluations for m in metrics.get(name, (name,))}
         known |= {f"transfer_{n}" for n in reproduce.TRANSFER_DATASETS} | {"transfer_mean"}
         assert set(row.paper) <= known, (row.name, set(row.paper) - known)
+    # the transfer stages and numbers are transfer_eval.py's datasets and its poster row
+    import transfer_eval
+    assert reproduce.TRANSFER_DATASETS == tuple(transfer_eval.DATASETS)
+    assert {f"transfer_{name}": value for name, value in transfer_eval.POSTER_MSF.items()} == {
+        k: v for k, v in paper_rows.TRANSFER_MSF.items() if k != "transfer_mean"}
     assert paper_rows.find_row("msf-ws-1M") == (None, ["msf-ws-1m", "msf-ws-128k",
                                                        "msf-ws-256k"])
