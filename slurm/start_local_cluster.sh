@@ -89,6 +89,9 @@ ReturnToService=2
 AuthInfo=cred_expire=10
 KillWait=5
 MinJobAge=600
+# a requeued job becomes eligible ~cred_expire s later, but only a scheduling pass starts it: every
+# 60 s by default (and 30 s for backfill), which the tests would spend waiting
+SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
